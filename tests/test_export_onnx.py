@@ -350,6 +350,27 @@ def test_step_graph_bad_requests(step_graphs):
         sample_onnxruntime(path, shape, sampler="ddim", steps=3, y=1)
 
 
+def test_step_session_is_reused_until_the_file_changes(step_graphs, tmp_path):
+    import shutil
+
+    from fastdiff.export import ort as fort
+
+    _, src = step_graphs("ddim")
+    path = tmp_path / "step.onnx"
+    shutil.copy(src, path)
+    shape = (2, *read_metadata(path)["input_shape"])
+    run = dict(sampler="ddim", steps=2, providers=["CPUExecutionProvider"])
+    first = sample_onnxruntime(path, shape, **run)
+    step = fort._cached_step_session(path, ["CPUExecutionProvider"], torch.device("cpu"))[0]
+    again = sample_onnxruntime(path, shape, **run)
+    assert fort._cached_step_session(path, ["CPUExecutionProvider"], torch.device("cpu"))[0] is step
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    shutil.copy(src, tmp_path / "tmp.onnx")
+    os.replace(tmp_path / "tmp.onnx", path)  # a new file at the same path
+    os.utime(path, ns=(0, 0))
+    assert fort._cached_step_session(path, ["CPUExecutionProvider"], torch.device("cpu"))[0] is not step
+
+
 def test_engine_runtime_onnxruntime_matches_pytorch(step_graphs):
     """``fastdiff.sample(..., runtime="onnxruntime")`` (fastdiff/engine.py) on a step graph against the
     engine's own PyTorch loop: same seeds, same start, same table."""

@@ -1,5 +1,6 @@
-"""group_norm_modulate and layer_norm_modulate: Triton kernels (interpreter on CPU) and the reference
-path against a float64 oracle built from torch.nn.functional, outputs and gradients."""
+"""group_norm_modulate and layer_norm_modulate: Triton kernels (interpreter on CPU), the reference path
+and the native CPU path (``auto`` off CUDA) against a float64 oracle built from torch.nn.functional,
+outputs and gradients."""
 
 import pytest
 import torch
@@ -152,23 +153,36 @@ class _CountingLaunch:
         return launch
 
 
-# Reference path in low precision: error of the same order as rounding the float64 result.
-DTYPE_TOL = [(torch.float32, 1e-6), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)]
+# PyTorch paths in low precision: error of the same order as rounding the float64 result. The native
+# path modulates its rounded GroupNorm output in x's dtype (two roundings), hence its own bf16 bound.
+DTYPE_TOL = [(torch.float32, 1e-6, 1e-6), (torch.float16, 2e-3, 3e-3), (torch.bfloat16, 1.6e-2, 2.4e-2)]
 
 
-@pytest.mark.parametrize("dtype,tol", DTYPE_TOL, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("backend", ["reference", "auto"], ids=["reference", "native"])
+@pytest.mark.parametrize("dtype,tol,native_tol", DTYPE_TOL, ids=lambda v: str(v).replace("torch.", ""))
 @pytest.mark.parametrize("case", [c for c in GN_CASES if c[4] == 0.0], ids=lambda c: c[0])
-def test_group_norm_modulate_reference(case, dtype, tol):
+def test_group_norm_modulate_pytorch_paths(case, dtype, tol, native_tol, backend):
     _, shape, num_groups, layout, _ = case
     x = make_x(shape, layout, 0.0, "cpu", dtype)
     weight, bias, scale, shift = make_params(shape[0], shape[1], True, "cpu", dtype)
-    check_gn(x, num_groups, weight.float(), bias.float(), scale, shift, "silu", "reference", tol=tol,
-             grad_tol=4 * tol)
+    tol = tol if backend == "reference" else native_tol
+    out = check_gn(x, num_groups, weight.float(), bias.float(), scale, shift, "silu", backend, tol=tol,
+                   grad_tol=4 * tol)
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_group_norm_modulate_reference_large_offset():
+@pytest.mark.parametrize("modulation", MODULATIONS, ids=[m[0] for m in MODULATIONS])
+def test_group_norm_modulate_native_modulations(modulation):
+    _, modulate, activation = modulation
+    x = make_x((2, 96, 7, 5), "nchw", 0.0, "cpu")
+    check_gn(x, 32, *make_params(2, 96, modulate, "cpu"), activation, "auto", tol=1e-6, grad_tol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"], ids=["reference", "native"])
+def test_group_norm_modulate_large_offset(backend):
     x = make_x((2, 96, 7, 5), "nchw", 1e4, "cpu")
-    check_gn(x, 32, *make_params(2, 96, True, "cpu"), "silu", "reference", tol=1e-5, grad_tol=1e-5)
+    check_gn(x, 32, *make_params(2, 96, True, "cpu"), "silu", backend, tol=1e-5, grad_tol=1e-5)
 
 
 LN_CASES = [("dit-like", (2, 16, 72)), ("one-token", (3, 1, 40)), ("odd-dim", (2, 9, 33)),
@@ -177,7 +191,7 @@ LN_CASES = [("dit-like", (2, 16, 72)), ("one-token", (3, 1, 40)), ("odd-dim", (2
 
 @pytest.mark.parametrize("affine", [False, True], ids=["no-affine", "affine"])
 @pytest.mark.parametrize("case", LN_CASES, ids=[c[0] for c in LN_CASES])
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "reference", "auto"])
 def test_layer_norm_modulate(case, affine, backend):
     _, shape = case
     n, _, d = shape
@@ -199,6 +213,14 @@ def test_layer_norm_modulate(case, affine, backend):
         assert rel_l2(g_got, g_want) <= 1e-5
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"], ids=["reference", "native"])
+def test_layer_norm_modulate_large_offset(backend):
+    x = torch.randn(2, 9, 512, generator=torch.Generator().manual_seed(0)) + 1e4
+    s, t = torch.randn(2, 512), torch.randn(2, 512)
+    out = ops.layer_norm_modulate(x, scale=s, shift=t, backend=backend)
+    assert rel_l2(out, ln_oracle(x, s, t, None, None, 1e-6)) <= 1e-6
+
+
 def test_layer_norm_modulate_non_contiguous():
     base = torch.randn(2, 12, 100)
     x = base[:, ::2, 10:74]  # strided tokens and a feature slice
@@ -212,7 +234,7 @@ def test_layer_norm_modulate_non_contiguous():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "reference", "auto"])
 def test_empty_batch(backend):
     x = torch.randn(0, 32, 4, 4)
     out = ops.group_norm_modulate(x, 8, scale=torch.randn(0, 32), shift=torch.randn(0, 32), backend=backend)
@@ -222,7 +244,7 @@ def test_empty_batch(backend):
     assert y.shape == (0, 5, 16)
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "reference", "auto"])
 def test_nan_stays_in_its_sample(backend):
     x = torch.randn(3, 16, 4, 4)
     x[1, 3, 2, 2] = float("nan")
@@ -301,7 +323,7 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
         ops.group_norm_modulate(torch.randn(1, 4, 2, 2), 2, backend="triton")
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "auto"])
 def test_opcheck(backend):
     x = torch.randn(2, 8, 3, 3)
     s, t, w = torch.randn(2, 8), torch.randn(2, 8), torch.randn(8)

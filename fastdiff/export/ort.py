@@ -322,6 +322,32 @@ def _cached_step_graph(denoiser, sampler, *, guided: bool, y_null, sampler_optio
     return path
 
 
+_STEP_SESSIONS: dict = {}  # (file, its mtime and size, providers, device) -> (OrtStep, stream or None)
+_MAX_STEP_SESSIONS = 4
+
+
+def _cached_step_session(path, providers, out_device: torch.device):
+    """One :class:`OrtStep` (and on CUDA the torch stream it shares) per step-graph file, providers and
+    device, so repeated ``sample`` calls skip session creation (graph optimisation: 0.3 to 1 s for the
+    36M-parameter DDPM-CIFAR10 U-Net on 2 CPU cores). A rewritten file gets a new session."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.exists(path):
+        return OrtStep(path, providers), None  # raises the clear error
+    st = os.stat(path)
+    key = (path, st.st_mtime_ns, st.st_size, repr(providers), str(out_device))
+    hit = _STEP_SESSIONS.pop(key, None)  # re-inserted below: the dict's order is least recently used first
+    if hit is None:
+        stream = None
+        if out_device.type == "cuda" and torch.cuda.is_available():
+            stream = torch.cuda.Stream(out_device)  # nonzero: ORT accepts it as its compute stream
+        hit = (OrtStep(path, providers, device=out_device if stream is not None else None,
+                       stream=stream.cuda_stream if stream is not None else None), stream)
+        while len(_STEP_SESSIONS) >= _MAX_STEP_SESSIONS:
+            _STEP_SESSIONS.pop(next(iter(_STEP_SESSIONS)))
+    _STEP_SESSIONS[key] = hit
+    return hit
+
+
 def sample_onnxruntime(denoiser_or_path, shape: Sequence[int], sampler: str = "dpmpp_2m", steps: int = 20,
                        guidance_scale: float = 1.0, y=None, seeds: Optional[Sequence[int]] = None,
                        device=None, dtype=None, progress: bool = False, *,
@@ -387,11 +413,7 @@ def sample_onnxruntime(denoiser_or_path, shape: Sequence[int], sampler: str = "d
     else:
         raise ValueError(f"denoiser_or_path must be a fastdiff Denoiser or a path to a step graph, got "
                          f"{type(denoiser_or_path).__name__}")
-    stream = None
-    if out_device.type == "cuda" and torch.cuda.is_available():
-        stream = torch.cuda.Stream(out_device)  # nonzero: ORT accepts it as its compute stream
-    step = OrtStep(path, providers, device=out_device if stream is not None else None,
-                   stream=stream.cuda_stream if stream is not None else None)
+    step, stream = _cached_step_session(path, providers, out_device)
     if stream is None:
         return _loop(step, coef_source, schedule, shape, sampler, steps, guidance_scale, y, seeds, progress,
                      torch.device("cpu"), out_device, sigmas, timesteps, spacing, sampler_options, frame, x_T,
