@@ -46,5 +46,8 @@ for bench in benchmarks/bench_modulated_norm.py benchmarks/bench_attention.py be
   [ -f "$bench" ] || continue
   step "$(basename "$bench" .py)" 150 python "$bench" --out "$out"
 done
+if python -c "import onnxruntime, diffusers" >/dev/null 2>&1; then  # ORT's CUDA provider against PyTorch
+  step bench_onnx 150 python benchmarks/bench_onnx.py --models ddpm-cifar10 --repeats 2 --out "$out"
+fi
 echo "suite status: $status" | tee -a "$log"
 exit $status

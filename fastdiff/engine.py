@@ -12,8 +12,8 @@ What it adds to the plain loop:
   a CPU that computes it natively (AMX-BF16 / AVX512-BF16), float32 otherwise. The dtype is the model's
   weights and activations; the sampler state and history stay float32 (the update reads the low-precision
   model output and accumulates in float32).
-- **channels_last** for convolutional models on CUDA and in bf16 on the CPU (``channels_last=None``:
-  where it pays).
+- **channels_last** for convolutional models on CUDA, and on the CPU for bf16 conv models of at least
+  ``CPU_CHANNELS_LAST_MIN_PARAMS`` parameters (``channels_last=None``: where it pays).
 - **CUDA graphs.** On CUDA (``cuda_graph=None`` means on) the whole row (model forward on the guidance
   batch + the fused update) is captured once per batch-size bucket on static buffers and replayed for
   every row: the row index, the noise and the labels are copied into the static buffers before each replay.
@@ -145,6 +145,17 @@ def _labels(y, n: int, device) -> Optional[Tensor]:
     if tuple(yt.shape) != (n,):
         raise ValueError(f"y must be an int or have shape (N,) = ({n},), got {tuple(yt.shape)}")
     return yt.to(device=device, dtype=torch.int64).contiguous()
+
+
+# On the CPU, NHWC speeds up oneDNN's bf16 convolutions but slows ATen's bf16 GroupNorm (up to 25x for
+# (64, 64, 16, 16), 32 groups), so it pays only where convolutions dominate. Measured on 2 AMX cores, bf16,
+# whole sampling loops: the 35.7M-parameter DDPM-CIFAR10 U-Net runs 1.2x faster in NHWC, the 1.2M-parameter
+# digits U-Net 2.5x slower.
+CPU_CHANNELS_LAST_MIN_PARAMS = 10_000_000
+
+
+def _num_params(model) -> int:
+    return sum(p.numel() for p in model.parameters()) if isinstance(model, nn.Module) else 0
 
 
 def _has_conv(model) -> bool:
@@ -456,8 +467,8 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
             ``timesteps``.
         sampler_options: keyword options of the sampler builder (e.g. ``{"eta": 0.5}`` for DDIM).
         model_kwargs: extra keyword arguments of the model (tensors with a batch dim are chunked with x).
-        channels_last: None: on for convolutional models on CUDA, and on CPU in bf16
-            (benchmarks/bench_e2e.py: 1.4x for the DDPM-CIFAR10 U-Net in bf16 on a 2-core AMX CPU).
+        channels_last: None: on for convolutional models on CUDA, and on CPU in bf16 for models of at
+            least ``CPU_CHANNELS_LAST_MIN_PARAMS`` parameters.
         distributed: shard over an initialised process group (None: when one with > 1 rank exists).
         backend: the ops' backend word for the update ("auto" | "triton" | "reference").
         callback: called after each row as in :func:`fastdiff.samplers.sample_loop` (eager loop only).
@@ -508,7 +519,8 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
         raise ValueError("guidance_scale != 1 with class labels needs y_null (the null label)")
     if channels_last is None:  # NHWC pays for convolutions on CUDA and for oneDNN's bf16 convolutions on CPU
         channels_last = len(shape) == 4 and _has_conv(denoiser.model) and (
-            device.type == "cuda" or (device.type == "cpu" and dtype == torch.bfloat16))
+            device.type == "cuda" or (device.type == "cpu" and dtype == torch.bfloat16
+                                      and _num_params(denoiser.model) >= CPU_CHANNELS_LAST_MIN_PARAMS))
     use_graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
     if use_graph and device.type != "cuda":
         raise ValueError("cuda_graph=True needs a CUDA device")

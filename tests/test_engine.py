@@ -149,6 +149,19 @@ def test_bf16_close_to_fp32():
     assert rel_l2(out, ref) < 5e-2
 
 
+@pytest.mark.parametrize("min_params, expect_nhwc", [(10_000_000, False), (1, True)],
+                         ids=["small-model-nchw", "large-model-nhwc"])
+def test_cpu_channels_last_policy(monkeypatch, min_params, expect_nhwc):
+    """bf16 on the CPU: NHWC only for conv models of at least CPU_CHANNELS_LAST_MIN_PARAMS parameters."""
+    monkeypatch.setattr(engine, "CPU_CHANNELS_LAST_MIN_PARAMS", min_params)
+    den = tiny_denoiser()
+    fastdiff.sample(den, (2, 1, 8, 8), steps=2, y=0, dtype=torch.bfloat16, device="cpu", progress=False)
+    conv = next(m for m in den.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)
+                and m.in_channels > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) == expect_nhwc
+    assert conv.weight.is_contiguous() != expect_nhwc
+
+
 def test_bare_module_and_progress(capsys):
     model = tiny_model()
     out = fastdiff.sample(model, (2, 1, 8, 8), steps=2, y=[1, 2], dtype=torch.float32, progress=True)
