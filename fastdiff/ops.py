@@ -209,13 +209,18 @@ _NATIVE_OFFSET_LIMIT = 16.0
 
 
 def _dense(x: Tensor) -> Tensor:
-    """x itself when it is contiguous as NCHW or channels_last (what ATen's GroupNorm reads), else a copy."""
+    """x itself when it is contiguous as NCHW or channels_last (what ATen's GroupNorm reads), else a copy.
+
+    A channels_last tensor must also have the canonical strides: with N = 1 a slice can pass
+    ``is_contiguous(memory_format=...)`` while ATen's stride-based format guess calls it neither format.
+    """
     if x.is_contiguous():
         return x
     if x.dim() in (4, 5):
         fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
         if x.is_contiguous(memory_format=fmt):
-            return x
+            canonical = torch.empty(x.shape, memory_format=fmt, device="meta").stride()
+            return x if x.stride() == canonical else x.clone(memory_format=fmt)
     return x.contiguous()
 
 

@@ -179,6 +179,17 @@ def test_group_norm_modulate_native_modulations(modulation):
     check_gn(x, 32, *make_params(2, 96, modulate, "cpu"), activation, "auto", tol=1e-6, grad_tol=1e-5)
 
 
+def test_group_norm_modulate_native_odd_strides():
+    """A batch-1 slice of a channels_last tensor (its batch stride is not canonical) and a slice along
+    channels: the native path reads them as they are or copies them, never fails."""
+    base = torch.randn(1, 4, 4, 64).permute(0, 3, 1, 2)  # channels_last storage
+    odd = base.as_strided((1, 64, 4, 4), (64, 1, 256, 64))  # the same elements, batch stride 64
+    strided = torch.randn(2, 128, 5, 5)[:, ::2]
+    for x in (odd, strided):
+        out = ops.group_norm_modulate(x, 32, activation="silu", backend="auto")
+        assert rel_l2(out, gn_oracle(x, 32, None, None, None, None, 1e-5, "silu")) <= 1e-6
+
+
 @pytest.mark.parametrize("backend", ["reference", "auto"], ids=["reference", "native"])
 def test_group_norm_modulate_large_offset(backend):
     x = make_x((2, 96, 7, 5), "nchw", 1e4, "cpu")
