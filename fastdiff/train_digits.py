@@ -70,16 +70,6 @@ def build_model(**overrides):
     return ADMUNet(**{**DIGITS_CONFIG, **overrides})
 
 
-def cpu_has_native_bf16() -> bool:
-    """AMX-BF16 or AVX512-BF16 on this CPU (the CPU computes bf16 matmuls natively)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def _use_native_training_ops() -> None:
     """Route GroupNormModulate and the attention op through PyTorch's fused CPU ops for training speed."""
     from fastdiff import nn as fnn
@@ -127,6 +117,8 @@ def train(args) -> None:
         gen.set_state(ck["gen"])
         start = ck["step"]
         print(f"resumed at step {start}", flush=True)
+    from fastdiff.engine import cpu_has_native_bf16
+
     bf16 = {"auto": cpu_has_native_bf16(), "on": True, "off": False}[args.bf16]
     n_params = sum(p.numel() for p in model.parameters())
     print(f"digits: {x_all.shape[0]} training images, model {n_params / 1e6:.2f}M parameters, bf16={bf16}",
