@@ -38,10 +38,9 @@ FIXTURE_DIRS = [Path(p) for p in [os.environ.get("FASTDIFF_UPSTREAM_FIXTURES")] 
 FIXTURE_DIRS += [_REPO.parent / "shared" / "fixtures" / "upstream", _REPO / "shared" / "fixtures" / "upstream"]
 
 
-def load_fixture(name):
-    """(config, inputs, state_dict, output, features) of an upstream fixture (see
-    ../shared/fixtures/upstream/README.md); features keyed by module path. Fails, not skips, when
-    the fixtures are missing."""
+def read_fixture(name) -> tuple[dict, dict]:
+    """(metadata, tensors) of ``{name}.safetensors`` in the first of FIXTURE_DIRS that holds it. Fails,
+    not skips, when the fixtures are missing."""
     from safetensors import safe_open
 
     for folder in FIXTURE_DIRS:
@@ -52,7 +51,18 @@ def load_fixture(name):
         raise FileNotFoundError(f"{name}.safetensors not found in {[str(d) for d in FIXTURE_DIRS]}; set "
                                 "FASTDIFF_UPSTREAM_FIXTURES to the folder holding the upstream fixtures")
     with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["meta"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return json.loads(f.metadata()["meta"]), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def load_fixture(name):
+    """(config, inputs, state_dict, output, features) of an upstream model fixture (see
+    ../shared/fixtures/upstream/README.md); features keyed by module path."""
+    meta, tensors = read_fixture(name)
     part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     return meta["config"], part("inputs."), part("state_dict."), tensors["output"], part("features.")
+
+
+@pytest.fixture(scope="session")
+def kd():
+    """k-diffusion's sampler outputs on a Gaussian-mixture denoiser: (metadata, tensors)."""
+    return read_fixture("kdiffusion_samplers")

@@ -2,7 +2,6 @@
 against diffusers' schedulers (the oracle) and inside diffusers pipelines."""
 
 import inspect
-import json
 import subprocess
 import sys
 import warnings
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import rel_l2
-from test_samplers import FIXTURE, mixture_denoiser
+from test_samplers import mixture_denoiser
 
 from fastdiff import ops
 from fastdiff.compat import diffusers as FD
@@ -39,15 +38,6 @@ KD_STOCHASTIC = ["euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m_sde", "dpmpp
 # k-diffusion
 # ---------------------------------------------------------------------------------------------
 
-
-@pytest.fixture(scope="module")
-def kd():
-    from safetensors import safe_open
-
-    with safe_open(FIXTURE, "pt") as f:
-        meta = json.loads(f.metadata()["meta"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return meta, tensors
 
 
 class StoredNoise:

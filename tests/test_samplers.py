@@ -1,7 +1,6 @@
 """Sampler tables + the loop: k-diffusion fixture parity, diffusers schedulers as the oracle, statistics on
 Gaussian data, per-sample seeds, per-sample timesteps, guidance, and a loop that reads nothing on the host."""
 
-import json
 import warnings
 
 import numpy as np
@@ -17,7 +16,6 @@ from fastdiff.schedules import VESDESchedule, VPSchedule, alphas_cumprod_to_sigm
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-FIXTURE = "/work/shared/fixtures/upstream/kdiffusion_samplers.safetensors"
 PT = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
 
@@ -25,15 +23,6 @@ PT = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 # k-diffusion parity on the fixture's exact Gaussian-mixture denoiser
 # ---------------------------------------------------------------------------------------------
 
-
-@pytest.fixture(scope="module")
-def kd():
-    from safetensors import safe_open
-
-    with safe_open(FIXTURE, "pt") as f:
-        meta = json.loads(f.metadata()["meta"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return meta, tensors
 
 
 def mixture_denoiser(meta):
