@@ -18,6 +18,7 @@ statistics; ``"triton"`` forces the kernels on any device, which on CPU tensors 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 from typing import Iterator, Optional
@@ -219,7 +220,9 @@ def _dense(x: Tensor) -> Tensor:
     if x.dim() in (4, 5):
         fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
         if x.is_contiguous(memory_format=fmt):
-            canonical = torch.empty(x.shape, memory_format=fmt, device="meta").stride()
+            c, spatial = x.shape[1], x.shape[2:]
+            inner = [c * math.prod(spatial[i + 1:]) for i in range(len(spatial))]  # NHWC: W*C, C
+            canonical = (c * math.prod(spatial), 1, *inner)
             return x if x.stride() == canonical else x.clone(memory_format=fmt)
     return x.contiguous()
 
