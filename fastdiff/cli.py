@@ -178,24 +178,13 @@ def labels_for(n: int, num_classes: int, classes: Optional[list]) -> Optional[np
     return np.array([pool[i % len(pool)] for i in range(n)], dtype=np.int64)
 
 
-def _cpu_threads(requested: Optional[int]) -> int:
-    """``--threads``, else torch's default, or 1 when the machine is already busy (1-minute load average
-    >= cores): OpenMP regions wait for every thread, and a descheduled thread stalls each one."""
-    if requested:
-        return int(requested)
-    try:
-        busy = os.getloadavg()[0] >= (os.cpu_count() or 1)
-    except OSError:
-        busy = False
-    return 1 if busy else torch.get_num_threads()
-
-
 def cmd_sample(args) -> int:
     from fastdiff.engine import sample
+    from fastdiff.policy import cpu_threads
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
-        torch.set_num_threads(_cpu_threads(args.threads))
+        torch.set_num_threads(cpu_threads(args.threads))
     created = _init_distributed(device)
     import torch.distributed as dist
 
@@ -261,7 +250,7 @@ def cmd_info(args) -> int:
     import platform
 
     import fastdiff
-    from fastdiff.engine import cpu_has_native_bf16, default_dtype
+    from fastdiff.policy import cpu_has_native_bf16, default_dtype
 
     print(f"fastdiff {fastdiff.__version__}  python {platform.python_version()}  {platform.platform()}")
     for pkg in ("torch", "triton", "numpy", "safetensors", "onnx", "onnxruntime-gpu", "onnxruntime",

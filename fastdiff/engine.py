@@ -44,6 +44,14 @@ import torch
 from torch import Tensor, nn
 
 from fastdiff.denoiser import Denoiser, call_model
+from fastdiff.policy import (
+    as_dtype,
+    cpu_has_native_bf16,
+    default_dtype,
+    module_device,
+    module_dtype,
+    use_channels_last,
+)
 from fastdiff.samplers import (
     SAMPLERS,
     DeviceTable,
@@ -67,47 +75,6 @@ __all__ = [
 
 RUNTIMES = ("torch", "onnxruntime")
 CPU_BATCH_SIZE = 32  # chunk size on the CPU (throughput is flat beyond it for small models)
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64,
-           "fp64": torch.float64}
-
-
-# ---------------------------------------------------------------------------------------------
-# Policies
-# ---------------------------------------------------------------------------------------------
-
-
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU computes bf16 matmuls natively (AMX-BF16 or AVX512-BF16)."""
-    cap = ""
-    with contextlib.suppress(Exception):
-        cap = torch.backends.cpu.get_cpu_capability()
-    if "AMX" in cap.upper():
-        return True
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def default_dtype(device: Union[str, torch.device]) -> torch.dtype:
-    """bf16 on CUDA (fp16 without bf16 support), bf16 on a native-bf16 CPU, else float32."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return torch.bfloat16
-    return torch.float32
-
-
-def _as_dtype(dtype) -> Optional[torch.dtype]:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
-        return _DTYPES[dtype.lower()]
-    raise ValueError(f"dtype must be a torch dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
 
 
 def resolve_seeds(seeds, n: int) -> list:
@@ -145,38 +112,6 @@ def _labels(y, n: int, device) -> Optional[Tensor]:
     if tuple(yt.shape) != (n,):
         raise ValueError(f"y must be an int or have shape (N,) = ({n},), got {tuple(yt.shape)}")
     return yt.to(device=device, dtype=torch.int64).contiguous()
-
-
-# On the CPU, NHWC speeds up oneDNN's bf16 convolutions but slows ATen's bf16 GroupNorm (up to 25x for
-# (64, 64, 16, 16), 32 groups), so it pays only where convolutions dominate. Measured on 2 AMX cores, bf16,
-# whole sampling loops: the 35.7M-parameter DDPM-CIFAR10 U-Net runs 1.2x faster in NHWC, the 1.2M-parameter
-# digits U-Net 2.5x slower.
-CPU_CHANNELS_LAST_MIN_PARAMS = 10_000_000
-
-
-def _num_params(model) -> int:
-    return sum(p.numel() for p in model.parameters()) if isinstance(model, nn.Module) else 0
-
-
-def _has_conv(model) -> bool:
-    return isinstance(model, nn.Module) and any(isinstance(m, nn.Conv2d) for m in model.modules())
-
-
-def _module_dtype(model) -> Optional[torch.dtype]:
-    if not isinstance(model, nn.Module):
-        return None
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return None
-
-
-def _module_device(model) -> Optional[torch.device]:
-    if not isinstance(model, nn.Module):
-        return None
-    for p in model.parameters():
-        return p.device
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +174,7 @@ def _prepare(denoiser: Denoiser, device: torch.device, dtype: torch.dtype, chann
     model = denoiser.model
     if isinstance(model, nn.Module):
         model.eval()
-        if _module_device(model) not in (None, device) or (_module_dtype(model) not in (None, dtype)):
+        if module_device(model) not in (None, device) or (module_dtype(model) not in (None, dtype)):
             model.to(device=device, dtype=dtype)
         if channels_last:
             model.to(memory_format=torch.channels_last)
@@ -489,7 +424,7 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    dtype = _as_dtype(dtype) or default_dtype(device)
+    dtype = as_dtype(dtype) or default_dtype(device)
     if y_null is None:
         y_null = getattr(denoiser_or_model, "y_null", None)
         if y_null is None:
@@ -517,10 +452,8 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
     guided = float(guidance_scale) != 1.0
     if guided and labels is not None and y_null is None:
         raise ValueError("guidance_scale != 1 with class labels needs y_null (the null label)")
-    if channels_last is None:  # NHWC pays for convolutions on CUDA and for oneDNN's bf16 convolutions on CPU
-        channels_last = len(shape) == 4 and _has_conv(denoiser.model) and (
-            device.type == "cuda" or (device.type == "cpu" and dtype == torch.bfloat16
-                                      and _num_params(denoiser.model) >= CPU_CHANNELS_LAST_MIN_PARAMS))
+    if channels_last is None:
+        channels_last = use_channels_last(denoiser.model, device, dtype, len(shape))
     use_graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
     if use_graph and device.type != "cuda":
         raise ValueError("cuda_graph=True needs a CUDA device")

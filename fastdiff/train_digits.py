@@ -117,7 +117,7 @@ def train(args) -> None:
         gen.set_state(ck["gen"])
         start = ck["step"]
         print(f"resumed at step {start}", flush=True)
-    from fastdiff.engine import cpu_has_native_bf16
+    from fastdiff.policy import cpu_has_native_bf16
 
     bf16 = {"auto": cpu_has_native_bf16(), "on": True, "off": False}[args.bf16]
     n_params = sum(p.numel() for p in model.parameters())

@@ -33,9 +33,10 @@ def rel_l2(out, ref) -> float:
     return float(num / den) if den > 0 else float(num)
 
 
-_REPO = Path(__file__).resolve().parents[1]
+# The upstream fixtures live in the repository (tests/fixtures/upstream, with their provenance README), so a
+# fresh clone with nothing beside it passes; FASTDIFF_UPSTREAM_FIXTURES points at another copy.
 FIXTURE_DIRS = [Path(p) for p in [os.environ.get("FASTDIFF_UPSTREAM_FIXTURES")] if p]
-FIXTURE_DIRS += [_REPO.parent / "shared" / "fixtures" / "upstream", _REPO / "shared" / "fixtures" / "upstream"]
+FIXTURE_DIRS += [Path(__file__).resolve().parent / "fixtures" / "upstream"]
 
 
 def read_fixture(name) -> tuple[dict, dict]:
@@ -56,7 +57,7 @@ def read_fixture(name) -> tuple[dict, dict]:
 
 def load_fixture(name):
     """(config, inputs, state_dict, output, features) of an upstream model fixture (see
-    ../shared/fixtures/upstream/README.md); features keyed by module path."""
+    tests/fixtures/upstream/README.md); features keyed by module path."""
     meta, tensors = read_fixture(name)
     part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     return meta["config"], part("inputs."), part("state_dict."), tensors["output"], part("features.")

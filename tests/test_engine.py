@@ -6,7 +6,7 @@ import torch
 from conftest import rel_l2
 
 import fastdiff
-from fastdiff import engine
+from fastdiff import engine, policy
 from fastdiff.denoiser import Denoiser
 from fastdiff.models import ADMUNet
 from fastdiff.samplers import build_table, make_generators, randn_per_sample, sample_loop, to_device
@@ -153,7 +153,7 @@ def test_bf16_close_to_fp32():
                          ids=["small-model-nchw", "large-model-nhwc"])
 def test_cpu_channels_last_policy(monkeypatch, min_params, expect_nhwc):
     """bf16 on the CPU: NHWC only for conv models of at least CPU_CHANNELS_LAST_MIN_PARAMS parameters."""
-    monkeypatch.setattr(engine, "CPU_CHANNELS_LAST_MIN_PARAMS", min_params)
+    monkeypatch.setattr(policy, "CPU_CHANNELS_LAST_MIN_PARAMS", min_params)
     den = tiny_denoiser()
     fastdiff.sample(den, (2, 1, 8, 8), steps=2, y=0, dtype=torch.bfloat16, device="cpu", progress=False)
     conv = next(m for m in den.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)

@@ -1,4 +1,4 @@
-"""DiT and U-ViT: parity with the upstream implementations (../shared/fixtures/upstream), classifier-free
+"""DiT and U-ViT: parity with the upstream implementations (tests/fixtures/upstream), classifier-free
 guidance, gradients, the Triton norm kernels inside the models, presets and their published sizes."""
 
 import copy

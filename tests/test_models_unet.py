@@ -1,16 +1,15 @@
 """The U-Nets of the zoo: ADM (guided-diffusion) and its classifier, and the DDPM U-Net (diffusers).
 
-Oracles: the guided-diffusion fixture (../shared/fixtures/upstream/adm_unet_tiny), diffusers'
+Oracles: the guided-diffusion fixture (tests/fixtures/upstream/adm_unet_tiny), diffusers'
 ``UNet2DModel`` itself, upstream's attention math written out here, float64 runs, and published counts.
 """
 
 import json
 import math
-import os
 
 import pytest
 import torch
-from conftest import rel_l2
+from conftest import read_fixture, rel_l2
 from torch import nn
 
 import fastdiff
@@ -18,9 +17,6 @@ from fastdiff.models.adm import PRESETS as ADM_PRESETS
 from fastdiff.models.adm import ADMClassifier, ADMUNet, AttentionBlock, AttentionPool2d
 from fastdiff.models.ddpm_unet import PRESETS as DDPM_PRESETS
 from fastdiff.models.ddpm_unet import DDPMUNet, SpatialSelfAttention
-
-FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "upstream")
-ADM_FIXTURE = os.path.join(FIXTURES, "adm_unet_tiny.safetensors")
 
 # A small ADM: two levels, attention at the second, AdaGN, resblock up/down.
 TINY_ADM = dict(image_size=8, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
@@ -86,11 +82,7 @@ def hand_macs(model: nn.Module, inputs: dict) -> int:
 
 @pytest.fixture(scope="module")
 def adm_fixture():
-    from safetensors import safe_open
-
-    with safe_open(ADM_FIXTURE, "pt") as f:
-        meta = json.loads(f.metadata()["meta"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta, tensors = read_fixture("adm_unet_tiny")
     state_dict = {k[len("state_dict."):]: v for k, v in tensors.items() if k.startswith("state_dict.")}
     return meta, tensors, state_dict
 

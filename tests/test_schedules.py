@@ -1,6 +1,5 @@
 """Schedules: named betas, the sigma view, spacings, timestep maps (diffusers, k-diffusion as references)."""
 
-import json
 import math
 import warnings
 
@@ -22,8 +21,6 @@ from fastdiff.schedules import (
 
 diffusers = pytest.importorskip("diffusers")
 warnings.filterwarnings("ignore", category=FutureWarning)
-
-FIXTURE = "/work/shared/fixtures/upstream/kdiffusion_samplers.safetensors"
 
 
 @pytest.mark.parametrize("name", ["linear", "scaled_linear", "squaredcos_cap_v2"])
@@ -97,12 +94,9 @@ def test_ve_sde_is_geometric():
     np.testing.assert_allclose(t, np.linspace(1, 0, 5), atol=1e-12)
 
 
-def test_karras_matches_fixture_sigmas():
-    from safetensors import safe_open
-
-    with safe_open(FIXTURE, "pt") as f:
-        meta = json.loads(f.metadata()["meta"])
-        stored = f.get_tensor("sigmas").double().numpy()
+def test_karras_matches_fixture_sigmas(kd):
+    meta, tensors = kd
+    stored = tensors["sigmas"].double().numpy()
     assert "get_sigmas_karras(n=12" in meta["sigmas"]
     ours = karras_sigmas(12, 0.02, 80.0, 7.0)
     assert ours[-1] == 0 and len(ours) == 13

@@ -1,0 +1,286 @@
+"""Sigma-view schedulers: Euler, Euler ancestral, Heun, LMS."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fastdiff import samplers as S
+from fastdiff.compat.diffusers.scheduling_base import (
+    _host,
+    _sigma_to_t,
+    _SigmaScheduler,
+    _spaced,
+    randn_tensor,
+    register_to_config,
+)
+
+
+def _check_int_timestep(timestep, name: str) -> None:
+    if isinstance(timestep, int) or (isinstance(timestep, Tensor) and timestep.dim() == 0
+                                     and not timestep.is_floating_point()):
+        raise ValueError(f"Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
+                         f"`{name}.step()` is not supported. Make sure to pass one of the "
+                         "`scheduler.timesteps` as a timestep.")
+
+
+class EulerDiscreteScheduler(_SigmaScheduler):
+    """diffusers' ``EulerDiscreteScheduler`` on :func:`fastdiff.samplers.euler`"""
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
+                 interpolation_type: str = "linear", use_karras_sigmas: Optional[bool] = False,
+                 use_exponential_sigmas: Optional[bool] = False, use_beta_sigmas: Optional[bool] = False,
+                 sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
+                 timestep_spacing: str = "linspace", timestep_type: str = "discrete", steps_offset: int = 0,
+                 rescale_betas_zero_snr: bool = False, final_sigmas_type: str = "zero"):
+        if use_beta_sigmas:
+            raise NotImplementedError("use_beta_sigmas=True is not supported")
+        self._init_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                            rescale_betas_zero_snr, prediction_type)
+        train = self._train_sigmas()[::-1].copy()
+        self.sigmas = torch.cat([torch.from_numpy(train), torch.zeros(1)])
+        self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps,
+                                                      dtype=float)[::-1].copy().astype(np.float32))
+        self.is_scale_input_called = False
+
+    def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None, timesteps=None,
+                      sigmas=None):
+        cfg = self.config
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("Only one of `timesteps` or `sigmas` should be set.")
+        if num_inference_steps is None and timesteps is None and sigmas is None:
+            raise ValueError("Must pass exactly one of `num_inference_steps` or `timesteps` or `sigmas.")
+        if num_inference_steps is not None and (timesteps is not None or sigmas is not None):
+            raise ValueError("Can only pass one of `num_inference_steps` or `timesteps` or `sigmas`.")
+        if timesteps is not None and (cfg.use_karras_sigmas or cfg.use_exponential_sigmas):
+            raise ValueError("Cannot set `timesteps` with `config.use_karras_sigmas` or "
+                             "`config.use_exponential_sigmas`.")
+        if num_inference_steps is None:
+            num_inference_steps = len(timesteps) if timesteps is not None else len(sigmas) - 1
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        self.num_inference_steps = num_inference_steps
+        train = self._train_sigmas()
+        if sigmas is not None:
+            sig = np.array(sigmas).astype(np.float32)
+            ts = np.array([_sigma_to_t(s, np.log(train)) for s in sig[:-1]])
+        else:
+            if timesteps is not None:
+                ts = np.array(timesteps).astype(np.float32)
+            else:
+                ts = _spaced(cfg.timestep_spacing, cfg.num_train_timesteps, num_inference_steps,
+                             cfg.steps_offset, np.float32)
+            sig, ts = self._sigma_layout(num_inference_steps, ts, cfg.use_karras_sigmas,
+                                         cfg.use_exponential_sigmas, cfg.use_beta_sigmas,
+                                         cfg.interpolation_type)
+            if cfg.final_sigmas_type == "sigma_min":
+                last = float(train[0])
+            elif cfg.final_sigmas_type == "zero":
+                last = 0.0
+            else:
+                raise ValueError(f"`final_sigmas_type` must be one of 'zero', or 'sigma_min', but got "
+                                 f"{cfg.final_sigmas_type}")
+            sig = np.concatenate([sig, [last]]).astype(np.float32)
+        self.sigmas = torch.from_numpy(sig).to(dtype=torch.float32)
+        if cfg.timestep_type == "continuous" and cfg.prediction_type == "v_prediction":
+            self.timesteps = torch.tensor([0.25 * math.log(s) for s in sig[:-1]], dtype=torch.float32,
+                                          device=device)
+        else:
+            self.timesteps = torch.from_numpy(np.asarray(ts).astype(np.float32)).to(device=device)
+        self._step_index = None
+        self._begin_index = None
+        self._reset_state()
+
+    def _build_table(self) -> S.SamplerTable:
+        sig = _host(self.sigmas)
+        if sig.shape[0] >= 3 and sig[-1] > 0 and sig[-1] >= sig[-2]:
+            # final_sigmas_type="sigma_min" with Karras / exponential sigmas: the last step goes from
+            # sigma_min to sigma_min, which leaves x as it is (an identity row).
+            head = S.euler(sig[:-1])
+            ident = S.euler(np.array([sig[-2], 0.0]))
+            ident.a[:], ident.b_new[:], ident.write_slot[:] = 1.0, 0.0, -1
+            ident.step[:] = head.num_steps
+            from fastdiff.compat.k_diffusion import _concat
+
+            return _concat([head, ident])
+        return S.euler(sig)
+
+    def step(self, model_output: Tensor, timestep, sample: Tensor, s_churn: float = 0.0, s_tmin: float = 0.0,
+             s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None, return_dict: bool = True):
+        """One Euler step from ``sigmas[i]`` to ``sigmas[i + 1]``."""
+        _check_int_timestep(timestep, "EulerDiscreteScheduler")
+        if s_churn > 0:
+            raise NotImplementedError("s_churn > 0 is not supported by fastdiff's EulerDiscreteScheduler "
+                                      "(fastdiff.compat.k_diffusion.sample_euler supports churn)")
+        return self._fused_step(model_output, timestep, sample, return_dict=return_dict)
+
+
+class EulerAncestralDiscreteScheduler(_SigmaScheduler):
+    """diffusers' ``EulerAncestralDiscreteScheduler`` on :func:`fastdiff.samplers.euler_ancestral`."""
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
+                 timestep_spacing: str = "linspace", steps_offset: int = 0,
+                 rescale_betas_zero_snr: bool = False):
+        if prediction_type == "sample":
+            raise NotImplementedError("prediction_type not implemented yet: sample")
+        self._init_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                            rescale_betas_zero_snr, prediction_type)
+        train = self._train_sigmas()[::-1].copy()
+        self.sigmas = torch.cat([torch.from_numpy(train), torch.zeros(1)])
+        self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps,
+                                                      dtype=float)[::-1].copy().astype(np.float32))
+        self.is_scale_input_called = False
+
+    def set_timesteps(self, num_inference_steps: int, device=None):
+        cfg = self.config
+        if num_inference_steps is None or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps!r}")
+        self.num_inference_steps = num_inference_steps
+        ts = _spaced(cfg.timestep_spacing, cfg.num_train_timesteps, num_inference_steps, cfg.steps_offset,
+                     np.float32)
+        sig, ts = self._sigma_layout(num_inference_steps, ts, False, False, False)
+        self.sigmas = torch.from_numpy(np.concatenate([sig, [0.0]]).astype(np.float32))
+        self.timesteps = torch.from_numpy(ts).to(device=device)
+        self._step_index = None
+        self._begin_index = None
+        self._reset_state()
+
+    def _build_table(self) -> S.SamplerTable:
+        return S.euler_ancestral(_host(self.sigmas))
+
+    def step(self, model_output: Tensor, timestep, sample: Tensor, generator=None, return_dict: bool = True):
+        """Euler to sigma_down, plus ``sigma_up * randn_tensor(shape, generator)`` each step."""
+        _check_int_timestep(timestep, "EulerAncestralDiscreteScheduler")
+
+        def noise_fn(idx, rows):
+            return randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
+                                generator=generator)
+
+        return self._fused_step(model_output, timestep, sample, noise_fn=noise_fn, return_dict=return_dict)
+
+
+class HeunDiscreteScheduler(_SigmaScheduler):
+    """diffusers' ``HeunDiscreteScheduler`` (Karras et al. 2022, Alg. 2) on :func:`fastdiff.samplers.heun`.
+
+    ``timesteps`` repeat each inner timestep (two model calls per step): one table row per call.
+    """
+
+    order = 2
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
+                 beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
+                 use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False,
+                 use_beta_sigmas: bool = False, clip_sample: bool = False, clip_sample_range: float = 1.0,
+                 timestep_spacing: str = "linspace", steps_offset: int = 0):
+        if use_beta_sigmas:
+            raise NotImplementedError("use_beta_sigmas=True is not supported")
+        self._init_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                            False, prediction_type)
+        self.set_timesteps(num_train_timesteps, None, num_train_timesteps)
+
+    def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None,
+                      num_train_timesteps: Optional[int] = None, timesteps=None):
+        cfg = self.config
+        if num_inference_steps is None and timesteps is None:
+            raise ValueError("Must pass exactly one of `num_inference_steps` or `custom_timesteps`.")
+        if num_inference_steps is not None and timesteps is not None:
+            raise ValueError("Can only pass one of `num_inference_steps` or `custom_timesteps`.")
+        if timesteps is not None and (cfg.use_karras_sigmas or cfg.use_exponential_sigmas):
+            raise ValueError("Cannot use `timesteps` with `config.use_karras_sigmas` or "
+                             "`config.use_exponential_sigmas`.")
+        num_inference_steps = num_inference_steps or len(timesteps)
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        self.num_inference_steps = num_inference_steps
+        n_train = num_train_timesteps or cfg.num_train_timesteps
+        if timesteps is not None:
+            ts = np.array(timesteps, dtype=np.float32)
+        else:
+            ts = _spaced(cfg.timestep_spacing, n_train, num_inference_steps, cfg.steps_offset, np.float32)
+        sig, ts = self._sigma_layout(num_inference_steps, ts, cfg.use_karras_sigmas,
+                                     cfg.use_exponential_sigmas, cfg.use_beta_sigmas)
+        sig = torch.from_numpy(np.concatenate([sig, [0.0]]).astype(np.float32))
+        self._step_sigmas = sig
+        self.sigmas = torch.cat([sig[:1], sig[1:-1].repeat_interleave(2), sig[-1:]])
+        ts = torch.from_numpy(np.asarray(ts))
+        ts = torch.cat([ts[:1], ts[1:].repeat_interleave(2)])
+        self.timesteps = ts.to(device=device, dtype=torch.float32)
+        self._step_index = None
+        self._begin_index = None
+        self._reset_state()
+
+    @property
+    def state_in_first_order(self) -> bool:
+        """True when the next call is a step's first (Euler) stage."""
+        if self._step_index is None or not self._tables:
+            return True
+        table = next(iter(self._tables.values()))[0]
+        i = self._step_index
+        return i >= table.num_rows or i == 0 or table.step[i] != table.step[i - 1]
+
+    def _per_sample_ok(self) -> bool:
+        return False
+
+    def _build_table(self) -> S.SamplerTable:
+        return S.heun(_host(self._step_sigmas))
+
+    def step(self, model_output: Tensor, timestep, sample: Tensor, return_dict: bool = True):
+        """One stage of Heun's method (diffusers calls ``step`` twice per step)."""
+        return self._fused_step(model_output, timestep, sample, return_dict=return_dict)
+
+
+class LMSDiscreteScheduler(_SigmaScheduler):
+    """diffusers' ``LMSDiscreteScheduler`` (linear multistep in sigma) on :func:`fastdiff.samplers.lms`."""
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas=None, use_karras_sigmas: bool = False,
+                 use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
+                 prediction_type: str = "epsilon", timestep_spacing: str = "linspace", steps_offset: int = 0):
+        if use_beta_sigmas:
+            raise NotImplementedError("use_beta_sigmas=True is not supported")
+        self._init_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                            False, prediction_type)
+        self.set_timesteps(num_train_timesteps)
+        self.is_scale_input_called = False
+        self._order_used = None
+
+    def set_timesteps(self, num_inference_steps: int, device=None):
+        cfg = self.config
+        if num_inference_steps is None or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps!r}")
+        self.num_inference_steps = num_inference_steps
+        ts = _spaced(cfg.timestep_spacing, cfg.num_train_timesteps, num_inference_steps, cfg.steps_offset,
+                     np.float32)
+        sig, ts = self._sigma_layout(num_inference_steps, ts, cfg.use_karras_sigmas,
+                                     cfg.use_exponential_sigmas, cfg.use_beta_sigmas)
+        self.sigmas = torch.from_numpy(np.concatenate([sig, [0.0]]).astype(np.float32))
+        self.timesteps = torch.from_numpy(np.asarray(ts)).to(device=device, dtype=torch.float32)
+        self._step_index = None
+        self._begin_index = None
+        self._order_used = None
+        self._reset_state()
+
+    def _build_table(self, order: int = 4) -> S.SamplerTable:
+        return S.lms(_host(self.sigmas), order=order)
+
+    def step(self, model_output: Tensor, timestep, sample: Tensor, order: int = 4, return_dict: bool = True):
+        """One linear multistep step of the given order (one order per run)."""
+        if not isinstance(order, int) or order < 1:
+            raise ValueError(f"order must be an int >= 1, got {order!r}")
+        if self._order_used is not None and order != self._order_used:
+            raise NotImplementedError(f"order changed mid-run ({self._order_used} -> {order}); call "
+                                      "set_timesteps to start a new run")
+        out = self._fused_step(model_output, timestep, sample, options={"order": order},
+                               return_dict=return_dict)
+        self._order_used = order
+        return out

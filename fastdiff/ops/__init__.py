@@ -1,0 +1,61 @@
+"""fastdiff's public ops, each declared once with ``torch.library.custom_op``.
+
+The op contract (DESIGN.md), one file per op family in this package:
+
+- the default implementation is the reference: plain PyTorch, float32 statistics, any device;
+- CUDA tensors go to the Triton launcher in ``fastdiff.kernels`` (``register_kernel("cuda", ...)``);
+- ``register_fake`` gives shapes for torch.compile and export;
+- ``register_autograd`` wires the backward, itself an op with a reference and a Triton kernel.
+
+Backend choice, read at every call, first match wins: the op's own ``backend=`` argument, the
+innermost :func:`backend` context manager, the ``FASTDIFF_BACKEND`` environment variable, ``"auto"``.
+``"auto"`` is Triton for CUDA tensors and PyTorch's native norm kernels plus one in-place multiply-add
+elsewhere (the fast CPU path); ``"reference"`` is the plain-PyTorch reference with shifted-data float32
+statistics; ``"triton"`` forces the kernels on any device, which on CPU tensors needs
+``TRITON_INTERPRET=1`` (set before triton is imported).
+"""
+
+from fastdiff.ops.attention import (
+    ATTENTION_BACKENDS,
+    attention,
+    attention_backward_reference,
+    attention_reference,
+    resolve_attention_backend,
+    xformers_usable,
+)
+from fastdiff.ops.norm import (
+    group_norm_modulate,
+    group_norm_modulate_backward_reference,
+    group_norm_modulate_native,
+    group_norm_modulate_reference,
+    layer_norm_modulate,
+    layer_norm_modulate_backward_reference,
+    layer_norm_modulate_native,
+    layer_norm_modulate_reference,
+)
+from fastdiff.ops.routing import ACTIVATIONS, BACKENDS, backend, current_backend, use_triton
+from fastdiff.ops.sampler_step import sampler_step, sampler_step_reference
+
+__all__ = [
+    "BACKENDS",
+    "ACTIVATIONS",
+    "ATTENTION_BACKENDS",
+    "backend",
+    "current_backend",
+    "use_triton",
+    "group_norm_modulate",
+    "layer_norm_modulate",
+    "attention",
+    "sampler_step",
+    "group_norm_modulate_reference",
+    "group_norm_modulate_native",
+    "group_norm_modulate_backward_reference",
+    "layer_norm_modulate_reference",
+    "layer_norm_modulate_native",
+    "layer_norm_modulate_backward_reference",
+    "attention_reference",
+    "attention_backward_reference",
+    "resolve_attention_backend",
+    "xformers_usable",
+    "sampler_step_reference",
+]

@@ -1,0 +1,422 @@
+"""The conditioning norms: ``group_norm_modulate`` (GroupNorm, affine, per-sample scale/shift, SiLU) and
+``layer_norm_modulate`` (DiT's adaLN modulate): reference, native CPU path, Triton routing, autograd."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastdiff.ops.routing import (
+    ACTIVATIONS,
+    _check_backend,
+    _check_float,
+    _check_vector,
+    _compute_dtype,
+    _silu_grad,
+    current_backend,
+    use_triton,
+)
+
+
+def _gn_normalize(x: Tensor, num_groups: int, eps: float) -> tuple[Tensor, Tensor]:
+    """GroupNorm without affine: (xhat as (N, C, S), rstd as (N, G, 1)) in the compute dtype.
+
+    The group's first element is subtracted before the moments ("shifted data"), so an input with
+    a large common offset (mean 1e4, std 1) keeps its precision: ``x - pivot`` is exact when the
+    two are close, and the mean that is then removed is of the order of the spread.
+    """
+    n, c = x.shape[:2]
+    xg = x.to(_compute_dtype(x.dtype)).reshape(n, num_groups, -1)
+    d = xg - xg[:, :, :1]
+    d = d - d.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(d.square().mean(-1, keepdim=True) + eps)
+    return (d * rstd).reshape(n, c, -1), rstd
+
+
+def _gn_affine_modulate(xhat, weight, bias, scale, shift):
+    """(N, C, S) normalised -> (y, z): y after the affine, z after the modulation."""
+    cd = xhat.dtype
+    y = xhat
+    if weight is not None:
+        y = y * weight.to(cd)[:, None]
+    if bias is not None:
+        y = y + bias.to(cd)[:, None]
+    z = y
+    if scale is not None:
+        z = z * (1 + scale.to(cd)[:, :, None])
+    if shift is not None:
+        z = z + shift.to(cd)[:, :, None]
+    return y, z
+
+
+def group_norm_modulate_reference(x, num_groups, weight=None, bias=None, scale=None, shift=None,
+                                  eps=1e-5, activation=None):
+    """Plain-PyTorch group_norm_modulate; statistics in float32 (float64 for float64 input).
+
+    The per-channel factors fold into one (N, C) pair, ``z = (x - pivot) * a + b`` (as in the kernel),
+    so the CPU path makes few passes over x: the shift, the moments, one multiply-add, the activation.
+    """
+    n, c = x.shape[:2]
+    cd = _compute_dtype(x.dtype)
+    d = x.to(cd).reshape(n, num_groups, -1)
+    d = d - d[:, :, :1]  # shifted data (see _gn_normalize); d is kept, the pivot is not
+    var, mean = torch.var_mean(d, dim=-1, unbiased=False)  # (N, G)
+    rstd = torch.rsqrt(var + eps).repeat_interleave(c // num_groups, dim=1)  # (N, C)
+    mean = mean.repeat_interleave(c // num_groups, dim=1)
+    alpha = rstd if weight is None else rstd * weight.to(cd)
+    beta = torch.zeros_like(alpha) if bias is None else bias.to(cd).expand(n, c)
+    if scale is not None:
+        alpha = alpha * (1 + scale.to(cd))
+        beta = beta * (1 + scale.to(cd))
+    if shift is not None:
+        beta = beta + shift.to(cd)
+    beta = beta - mean * alpha
+    z = torch.addcmul(beta[:, :, None], d.reshape(n, c, -1), alpha[:, :, None])
+    if activation == "silu":
+        z = torch.nn.functional.silu(z, inplace=True)
+    out = torch.empty_like(x)
+    out.copy_(z.reshape(x.shape))
+    return out
+
+
+def _modulate_inplace(y: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], activation=None) -> Tensor:
+    """``act(y * (1 + scale) + shift)`` written into y; scale/shift already shaped to broadcast over y."""
+    if scale is not None and shift is not None:
+        torch.addcmul(shift, y, 1 + scale, out=y)
+    elif scale is not None:
+        y.mul_(1 + scale)
+    elif shift is not None:
+        y.add_(shift)
+    if activation == "silu":
+        torch.nn.functional.silu(y, inplace=True)
+    return y
+
+
+# ATen accumulates a float32 input's moments in float32, so its output error grows with the offset of a
+# group, about 5e-8 * |mean| / std: where that ratio passes this limit (error 1e-6), the native paths
+# recompute on pivot-shifted data (see _gn_normalize). Measured: 9e-7 at 16, 5e-4 at 1e4.
+_NATIVE_OFFSET_LIMIT = 16.0
+
+
+def _dense(x: Tensor) -> Tensor:
+    """x itself when it is contiguous as NCHW or channels_last (what ATen's GroupNorm reads), else a copy.
+
+    A channels_last tensor must also have the canonical strides: with N = 1 a slice can pass
+    ``is_contiguous(memory_format=...)`` while ATen's stride-based format guess calls it neither format.
+    """
+    if x.is_contiguous():
+        return x
+    if x.dim() in (4, 5):
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        if x.is_contiguous(memory_format=fmt):
+            c, spatial = x.shape[1], x.shape[2:]
+            inner = [c * math.prod(spatial[i + 1:]) for i in range(len(spatial))]  # NHWC: W*C, C
+            canonical = (c * math.prod(spatial), 1, *inner)
+            return x if x.stride() == canonical else x.clone(memory_format=fmt)
+    return x.contiguous()
+
+
+def _offset_too_large(x: Tensor, mean: Tensor, rstd: Tensor) -> bool:
+    return x.dtype == torch.float32 and bool((mean.abs() * rstd).amax() > _NATIVE_OFFSET_LIMIT)
+
+
+def group_norm_modulate_native(x, num_groups, weight=None, bias=None, scale=None, shift=None, eps=1e-5,
+                               activation=None):
+    """The ``auto`` path off CUDA: ATen's GroupNorm (Welford moments, float32 for half types, NCHW or
+    channels_last), then the modulation and activation in place on its output.
+
+    Two passes over x instead of the reference's six; the modulation runs in x's dtype, as in ADM's
+    own ``out_norm(h) * (1 + scale) + shift``. A float32 group whose mean is far from zero relative to
+    its spread is recomputed on shifted data (``_NATIVE_OFFSET_LIMIT``).
+    """
+    n, c = x.shape[:2]
+    bcast = (slice(None), slice(None)) + (None,) * (x.dim() - 2)
+    x = _dense(x)
+    y, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, n, c, x.numel() // (n * c), num_groups,
+                                                     eps)
+    if _offset_too_large(x, mean, rstd):
+        pivot = x[(slice(None), slice(None, None, c // num_groups)) + (0,) * (x.dim() - 2)]  # (N, G)
+        y = torch.nn.functional.group_norm(x - pivot.repeat_interleave(c // num_groups, dim=1)[bcast],
+                                           num_groups, weight, bias, eps)
+    return _modulate_inplace(y, None if scale is None else scale[bcast], None if shift is None else shift[bcast],
+                             activation)
+
+
+def group_norm_modulate_backward_reference(grad, x, num_groups, weight, bias, scale, shift, eps,
+                                           activation):
+    """Closed-form gradients of group_norm_modulate: (dx, dweight, dbias, dscale, dshift).
+
+    All five are always returned (weight/bias as (C,), scale/shift as (N, C)); the autograd
+    wrapper drops those of absent inputs.
+    """
+    n, c = x.shape[:2]
+    cd = _compute_dtype(x.dtype)
+    xhat, rstd = _gn_normalize(x, num_groups, eps)  # (N, C, S), (N, G, 1)
+    y, z = _gn_affine_modulate(xhat, weight, bias, scale, shift)
+    dz = grad.to(cd).reshape(n, c, -1)
+    if activation == "silu":
+        dz = dz * _silu_grad(z)
+    dshift = dz.sum(-1)
+    dscale = (dz * y).sum(-1)
+    dy = dz if scale is None else dz * (1 + scale.to(cd)[:, :, None])
+    dbias = dy.sum((0, 2))
+    dweight = (dy * xhat).sum((0, 2))
+    dxhat = dy if weight is None else dy * weight.to(cd)[:, None]
+    # d/dx of (x - mean) * rstd over each group: rstd * (g - mean(g) - xhat * mean(g * xhat))
+    xh = xhat.reshape(n, num_groups, -1)
+    g = dxhat.reshape(n, num_groups, -1)
+    dx = rstd * (g - g.mean(-1, keepdim=True) - xh * (g * xh).mean(-1, keepdim=True))
+    out_dx = torch.empty_like(x)
+    out_dx.copy_(dx.reshape(x.shape))
+    pdt = lambda t, like: t.to(like.dtype if like is not None else x.dtype)
+    return (out_dx, pdt(dweight, weight), pdt(dbias, bias), pdt(dscale, scale), pdt(dshift, shift))
+
+
+@torch.library.custom_op("fastdiff::group_norm_modulate", mutates_args=())
+def _group_norm_modulate_op(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                            scale: Optional[Tensor], shift: Optional[Tensor], eps: float,
+                            activation: Optional[str], backend: Optional[str]) -> Tensor:
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    if use_triton(x, backend):
+        from fastdiff.kernels.modulated_norm import group_norm_modulate_forward
+        return group_norm_modulate_forward(x, num_groups, weight, bias, scale, shift, eps, activation)
+    if current_backend(backend) == "auto":
+        return group_norm_modulate_native(x, num_groups, weight, bias, scale, shift, eps, activation)
+    return group_norm_modulate_reference(x, num_groups, weight, bias, scale, shift, eps, activation)
+
+
+@_group_norm_modulate_op.register_fake
+def _(x, num_groups, weight, bias, scale, shift, eps, activation, backend):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fastdiff::group_norm_modulate_backward", mutates_args=())
+def _group_norm_modulate_backward_op(
+        grad: Tensor, x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+        scale: Optional[Tensor], shift: Optional[Tensor], eps: float, activation: Optional[str],
+        backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if use_triton(x, backend) and x.numel() > 0:
+        from fastdiff.kernels.modulated_norm import group_norm_modulate_backward
+        return group_norm_modulate_backward(grad, x, num_groups, weight, bias, scale, shift, eps, activation)
+    return group_norm_modulate_backward_reference(grad, x, num_groups, weight, bias, scale, shift, eps,
+                                                  activation)
+
+
+@_group_norm_modulate_backward_op.register_fake
+def _(grad, x, num_groups, weight, bias, scale, shift, eps, activation, backend):
+    n, c = x.shape[:2]
+    pick = lambda t, shape: x.new_empty(shape, dtype=t.dtype if t is not None else x.dtype)
+    return (torch.empty_like(x), pick(weight, (c,)), pick(bias, (c,)), pick(scale, (n, c)),
+            pick(shift, (n, c)))
+
+
+def _gnm_setup_context(ctx, inputs, output):
+    x, num_groups, weight, bias, scale, shift, eps, activation, backend = inputs
+    ctx.save_for_backward(x, weight, bias, scale, shift)
+    ctx.args = (num_groups, eps, activation, backend)
+
+
+def _gnm_backward(ctx, grad):
+    x, weight, bias, scale, shift = ctx.saved_tensors
+    num_groups, eps, activation, backend = ctx.args
+    dx, dw, db, ds, dt = torch.ops.fastdiff.group_norm_modulate_backward(
+        grad, x, num_groups, weight, bias, scale, shift, eps, activation, backend)
+    keep = lambda g, t: g if t is not None and t.requires_grad else None
+    return (dx, None, keep(dw, weight), keep(db, bias), keep(ds, scale), keep(dt, shift), None, None, None)
+
+
+_group_norm_modulate_op.register_autograd(_gnm_backward, setup_context=_gnm_setup_context)
+
+
+def group_norm_modulate(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
+                        bias: Optional[Tensor] = None, scale: Optional[Tensor] = None,
+                        shift: Optional[Tensor] = None, eps: float = 1e-5,
+                        activation: Optional[str] = None, backend: Optional[str] = None) -> Tensor:
+    """``act((GN(x) * weight[c] + bias[c]) * (1 + scale[n, c]) + shift[n, c])``.
+
+    The order of ADM's ``use_scale_shift_norm`` ResBlock (norm, then ``* (1 + scale) + shift``, then
+    SiLU); with scale and shift absent it is GroupNorm (+ SiLU).
+
+    Args:
+        x: (N, C, *spatial), spatial rank 1, 2 or 3; float16, bfloat16, float32 (or float64 on the
+            reference path); NCHW or channels_last; the output keeps x's dtype and memory format.
+        num_groups: divides C.
+        weight, bias: (C,) GroupNorm affine, x's dtype or float32, or None.
+        scale, shift: (N, C) per-sample modulation in x's dtype, or None.
+        eps: added to the variance.
+        activation: None or "silu".
+        backend: None (follow the switch), "auto", "triton" or "reference".
+    Statistics are float32 (float64 for float64 input); NaN in one sample stays in that sample.
+    """
+    if not isinstance(x, Tensor):
+        raise ValueError(f"x must be a tensor, got {type(x).__name__}")
+    if x.dim() not in (3, 4, 5):
+        raise ValueError(f"x must have shape (N, C, *spatial) with 1 to 3 spatial dims, got {tuple(x.shape)}")
+    _check_float(x, "x")
+    n, c = x.shape[:2]
+    if not isinstance(num_groups, int) or num_groups <= 0:
+        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+    if c % num_groups != 0:
+        raise ValueError(f"num_groups={num_groups} must divide the channels C={c} of x")
+    _check_vector(weight, "weight", x, (c,), same_dtype=False)
+    _check_vector(bias, "bias", x, (c,), same_dtype=False)
+    _check_vector(scale, "scale", x, (n, c), same_dtype=True)
+    _check_vector(shift, "shift", x, (n, c), same_dtype=True)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if backend is not None:
+        _check_backend(backend)
+    return _group_norm_modulate_op(x, num_groups, weight, bias, scale, shift, float(eps), activation, backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# layer_norm_modulate: (LN(x) * weight[d] + bias[d]) * (1 + scale[n, d]) + shift[n, d]
+# ---------------------------------------------------------------------------------------------
+
+
+def _ln_normalize(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """LayerNorm without affine over the last dim: (xhat, rstd) in the compute dtype."""
+    xf = x.to(_compute_dtype(x.dtype))
+    d = xf - xf[..., :1]  # shifted data, as in _gn_normalize
+    d = d - d.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(d.square().mean(-1, keepdim=True) + eps)
+    return d * rstd, rstd
+
+
+def _ln_affine_modulate(xhat, weight, bias, scale, shift):
+    cd = xhat.dtype
+    y = xhat
+    if weight is not None:
+        y = y * weight.to(cd)
+    if bias is not None:
+        y = y + bias.to(cd)
+    z = y
+    if scale is not None:
+        z = z * (1 + scale.to(cd)[:, None, :])
+    if shift is not None:
+        z = z + shift.to(cd)[:, None, :]
+    return y, z
+
+
+def layer_norm_modulate_reference(x, scale=None, shift=None, weight=None, bias=None, eps=1e-6):
+    """Plain-PyTorch layer_norm_modulate; statistics in float32 (float64 for float64 input)."""
+    _, z = _ln_affine_modulate(_ln_normalize(x, eps)[0], weight, bias, scale, shift)
+    out = torch.empty_like(x)
+    out.copy_(z)
+    return out
+
+
+def layer_norm_modulate_native(x, scale=None, shift=None, weight=None, bias=None, eps=1e-6):
+    """The ``auto`` path off CUDA: ATen's LayerNorm and the modulation in place on its output (a float32
+    row far from zero mean is recomputed shifted by its first feature, as in group_norm_modulate_native)."""
+    y, mean, rstd = torch.ops.aten.native_layer_norm(x, x.shape[-1:], weight, bias, eps)
+    if _offset_too_large(x, mean, rstd):
+        y = torch.nn.functional.layer_norm(x - x[..., :1], x.shape[-1:], weight, bias, eps)
+    return _modulate_inplace(y, None if scale is None else scale[:, None, :],
+                             None if shift is None else shift[:, None, :])
+
+
+def layer_norm_modulate_backward_reference(grad, x, scale, shift, weight, bias, eps):
+    """Closed-form gradients: (dx, dscale, dshift, dweight, dbias), all always returned."""
+    cd = _compute_dtype(x.dtype)
+    xhat, rstd = _ln_normalize(x, eps)
+    y, _ = _ln_affine_modulate(xhat, weight, bias, scale, shift)
+    dz = grad.to(cd)
+    dshift = dz.sum(1)
+    dscale = (dz * y).sum(1)
+    dy = dz if scale is None else dz * (1 + scale.to(cd)[:, None, :])
+    dbias = dy.sum((0, 1))
+    dweight = (dy * xhat).sum((0, 1))
+    g = dy if weight is None else dy * weight.to(cd)
+    dx = rstd * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+    out_dx = torch.empty_like(x)
+    out_dx.copy_(dx)
+    pdt = lambda t, like: t.to(like.dtype if like is not None else x.dtype)
+    return (out_dx, pdt(dscale, scale), pdt(dshift, shift), pdt(dweight, weight), pdt(dbias, bias))
+
+
+@torch.library.custom_op("fastdiff::layer_norm_modulate", mutates_args=())
+def _layer_norm_modulate_op(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+                            weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                            backend: Optional[str]) -> Tensor:
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    if use_triton(x, backend):
+        from fastdiff.kernels.modulated_norm import layer_norm_modulate_forward
+        return layer_norm_modulate_forward(x, scale, shift, weight, bias, eps)
+    if current_backend(backend) == "auto":
+        return layer_norm_modulate_native(x, scale, shift, weight, bias, eps)
+    return layer_norm_modulate_reference(x, scale, shift, weight, bias, eps)
+
+
+@_layer_norm_modulate_op.register_fake
+def _(x, scale, shift, weight, bias, eps, backend):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fastdiff::layer_norm_modulate_backward", mutates_args=())
+def _layer_norm_modulate_backward_op(
+        grad: Tensor, x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], weight: Optional[Tensor],
+        bias: Optional[Tensor], eps: float, backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if use_triton(x, backend) and x.numel() > 0:
+        from fastdiff.kernels.modulated_norm import layer_norm_modulate_backward
+        return layer_norm_modulate_backward(grad, x, scale, shift, weight, bias, eps)
+    return layer_norm_modulate_backward_reference(grad, x, scale, shift, weight, bias, eps)
+
+
+@_layer_norm_modulate_backward_op.register_fake
+def _(grad, x, scale, shift, weight, bias, eps, backend):
+    n, _, d = x.shape
+    pick = lambda t, shape: x.new_empty(shape, dtype=t.dtype if t is not None else x.dtype)
+    return (torch.empty_like(x), pick(scale, (n, d)), pick(shift, (n, d)), pick(weight, (d,)), pick(bias, (d,)))
+
+
+def _lnm_setup_context(ctx, inputs, output):
+    x, scale, shift, weight, bias, eps, backend = inputs
+    ctx.save_for_backward(x, scale, shift, weight, bias)
+    ctx.args = (eps, backend)
+
+
+def _lnm_backward(ctx, grad):
+    x, scale, shift, weight, bias = ctx.saved_tensors
+    eps, backend = ctx.args
+    dx, ds, dt, dw, db = torch.ops.fastdiff.layer_norm_modulate_backward(
+        grad, x, scale, shift, weight, bias, eps, backend)
+    keep = lambda g, t: g if t is not None and t.requires_grad else None
+    return (dx, keep(ds, scale), keep(dt, shift), keep(dw, weight), keep(db, bias), None, None)
+
+
+_layer_norm_modulate_op.register_autograd(_lnm_backward, setup_context=_lnm_setup_context)
+
+
+def layer_norm_modulate(x: Tensor, *, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
+                        weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-6,
+                        backend: Optional[str] = None) -> Tensor:
+    """DiT's ``modulate(norm(x), shift, scale)``: ``(LN(x) * weight + bias) * (1 + scale[n]) + shift[n]``.
+
+    Keyword-only because DiT's own ``modulate`` takes shift before scale.
+
+    Args:
+        x: (N, L, D) tokens; float16, bfloat16, float32 (float64 on the reference path).
+        scale, shift: (N, D) in x's dtype, or None (None for both is a plain LayerNorm).
+        weight, bias: (D,) LayerNorm affine (DiT uses none), x's dtype or float32, or None.
+        eps: added to the variance (DiT: 1e-6).
+        backend: None (follow the switch), "auto", "triton" or "reference".
+    """
+    if not isinstance(x, Tensor):
+        raise ValueError(f"x must be a tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"x must have shape (N, L, D), got {tuple(x.shape)}")
+    _check_float(x, "x")
+    n, _, d = x.shape
+    _check_vector(scale, "scale", x, (n, d), same_dtype=True)
+    _check_vector(shift, "shift", x, (n, d), same_dtype=True)
+    _check_vector(weight, "weight", x, (d,), same_dtype=False)
+    _check_vector(bias, "bias", x, (d,), same_dtype=False)
+    if backend is not None:
+        _check_backend(backend)
+    return _layer_norm_modulate_op(x, scale, shift, weight, bias, float(eps), backend)
