@@ -1,17 +1,22 @@
-"""Attention forward at diffusion shapes: the Triton kernel against every SDPA backend and xformers.
+"""Attention at diffusion shapes: the Triton kernel against every SDPA backend (and xformers where it runs).
 
-    python benchmarks/bench_attention.py [--out DIR] [--quick] [--dtype bf16 fp16]
+    python benchmarks/bench_attention.py [--quick | --full] [--backward] [--dtype bf16 fp16] [--jsonl FILE]
 
-Reports TFLOP/s (``4 * B * H * Sq * Skv * D``; the padded or split head-dim tile's extra work is
-not counted), the fraction of the dense matmul rate measured in the same run (the floor of a
-compute-bound kernel), the ratio to the best SDPA backend at that shape, and each output's error
-against float32 attention. For head dims that are not a power of two the Triton kernel runs both
-ways (split tiles, e.g. 72 = 64 + 16, and one padded tile, 72 -> 128) so the table says which wins.
-Writes ``attention-<device>.json`` under ``--out``.
+One row per (shape, dtype, implementation): milliseconds, TFLOP/s (forward ``4 * B * H * Sq * Skv * D``;
+forward + backward counts 2.5x that, FlashAttention's convention; the padded or split head-dim tile's extra
+work is not counted), the floor (those FLOPs over the dense matmul rate measured in the same run) as
+``frac_floor``, and the output's error against float32 attention. Implementations: ``fastdiff`` (the
+Triton kernel with its default head-dim tiling), ``fastdiff_padded`` (one padded tile, where the default
+splits it, e.g. 72 = 64 + 16 against 128), ``fastdiff_op_auto`` (``fastdiff.ops.attention`` with its
+``auto`` choice, recorded in ``auto_picks``), ``sdpa_<backend>`` for each SDPA backend forced alone and
+``sdpa_default``, ``xformers``. ``benchmarks/report.py`` turns the rows into the ratio to the strongest
+alternative.
 
-On a machine without a GPU the same code runs at tiny sizes on the CPU (SDPA, the reference, and the
-Triton kernel only under TRITON_INTERPRET=1), in a few seconds; those numbers are labelled CPU and
-say nothing about GPU speed.
+Shapes: ``--quick`` three shapes in bf16 (the GPU suite's core step: about a dozen kernel compiles);
+default: every shape in bf16; ``--full``: every shape in bf16 and fp16. ``--backward`` adds forward +
+backward rows (fastdiff's Triton backward against SDPA's). On a machine without a GPU the same code runs
+at tiny sizes on the CPU (SDPA, the reference, and the Triton kernel only under TRITON_INTERPRET=1); those
+rows are labelled CPU and say nothing about GPU speed.
 """
 
 from __future__ import annotations
@@ -26,7 +31,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_info, matmul_tflops, print_table, save_results, time_ms  # noqa: E402
+from common import (  # noqa: E402
+    RowWriter,
+    add_output_args,
+    dtype_name,
+    have_module,
+    matmul_tflops,
+    print_table,
+    time_ms,
+)
 
 from fastdiff import ops  # noqa: E402
 from fastdiff.kernels import attention as kattn  # noqa: E402
@@ -45,23 +58,23 @@ GPU_SHAPES = [
     ("cross_sq4096_skv77_d40", 16, 8, 4096, 77, 40),  # SD 1.x at 64x64 latents
     ("s4096_d128", 8, 16, 4096, 4096, 128),
 ]
-QUICK_GPU = {"adm_unet_s1024_d64", "dit_xl2_256_b64", "cross_sq4096_skv77_d64", "s4096_d128"}
+QUICK_GPU = ("adm_unet_s1024_d64", "dit_xl2_256_b64", "s4096_d128")
 CPU_SHAPES = [
     ("cpu_self_s64_d64", 1, 2, 64, 64, 64),
     ("cpu_dit_s64_d72", 1, 2, 64, 64, 72),
     ("cpu_cross_sq64_skv7_d40", 1, 2, 64, 7, 40),
 ]
-COLUMNS = ["shape", "backend", "ms", "tflops", "frac_matmul_peak", "ratio_to_best_sdpa", "rel_err_vs_fp32"]
+COLUMNS = ["shape", "dtype", "op", "impl", "ms", "tflops", "frac_floor", "rel_err_vs_fp32"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MATH_SCORES_LIMIT = 8 << 30  # the SDPA math backend materialises the scores: skip it past 8 GiB of them
 
 
 def _sdpa_backends() -> dict:
     """SDPA with one backend forced each, by name (those this torch has)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    wanted = ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"]
     out = {}
-    for name in wanted:
+    for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
         if hasattr(SDPBackend, name):
             be = getattr(SDPBackend, name)
 
@@ -73,104 +86,114 @@ def _sdpa_backends() -> dict:
     return out
 
 
-def _candidates(device: torch.device, d: int, interpret: bool) -> dict:
-    """name -> fn(q, k, v) for every way of computing attention that runs here."""
+def candidates(device: torch.device, d: int, interpret: bool, quick: bool) -> dict:
+    """impl -> fn(q, k, v) for every way of computing attention that runs here."""
     cands = {}
     if device.type == "cuda" or interpret:
         scale = d ** -0.5
-        cands["triton"] = lambda q, k, v: kattn.attention_forward(q, k, v, scale)[0]
-        d0, d1 = kattn.tile_widths(d)
-        if d1 > 0:  # the split tiling is the default; time the padded one beside it
-            cands["triton_padded"] = lambda q, k, v: kattn.attention_forward(q, k, v, scale, split_d=False)[0]
+        cands["fastdiff"] = lambda q, k, v: kattn.attention_forward(q, k, v, scale)[0]
+        if kattn.tile_widths(d)[1] > 0 and not quick:  # the split tiling is the default; time the padded one
+            cands["fastdiff_padded"] = lambda q, k, v: kattn.attention_forward(q, k, v, scale, split_d=False)[0]
+    cands["fastdiff_op_auto"] = lambda q, k, v: ops.attention(q, k, v)
     cands["sdpa_default"] = F.scaled_dot_product_attention
     cands.update(_sdpa_backends())
-    cands["fastdiff_op_auto"] = lambda q, k, v: ops.attention(q, k, v)
+    if device.type == "cuda" and ops.xformers_usable(device, torch.bfloat16):
+        cands["xformers"] = lambda q, k, v: ops.attention(q, k, v, backend="xformers")
     if device.type == "cpu":
         cands["reference"] = lambda q, k, v: ops.attention_reference(q, k, v)
     return cands
 
 
-def _scores_bytes(b, h, sq, skv) -> int:
-    return 4 * b * h * sq * skv
+def _fwd_bwd(fn, q, k, v, grad):
+    def run():
+        q.grad = k.grad = v.grad = None
+        fn(q, k, v).backward(grad)
+    return run
 
 
-def bench(device: torch.device, dtype: torch.dtype, shapes, peak_tflops: float,
-          interpret: bool) -> list[dict]:
-    records = []
-    for label, b, h, sq, skv, d in shapes:
-        g = torch.Generator(device="cpu").manual_seed(0)
-        q, k, v = (torch.randn(b, h, s, d, generator=g).to(device=device, dtype=dtype)
-                   for s in (sq, skv, skv))
-        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-        flops = 4 * b * h * sq * skv * d
-        rows = []
-        for name, fn in _candidates(device, d, interpret).items():
-            if name == "sdpa_math" and device.type == "cuda" and _scores_bytes(b, h, sq, skv) > 8 << 30:
-                continue  # the math backend materialises the scores; skip where they pass 8 GiB
-            try:
-                out = fn(q, k, v)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-            except (RuntimeError, ValueError) as e:  # e.g. no flash kernel for this head dim / dtype
-                rows.append(dict(shape=label, backend=name, error=str(e).splitlines()[0][:160]))
-                continue
-            err = float((out.float() - ref).norm() / ref.norm())
-            call = functools.partial(fn, q, k, v)
+def bench_shape(rec: RowWriter, device, dtype, shape, peak_tflops: float, interpret: bool, args) -> None:
+    label, b, h, sq, skv, d = shape
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(b, h, s, d, generator=g).to(device=device, dtype=dtype) for s in (sq, skv, skv))
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    flops = 4 * b * h * sq * skv * d
+    base = dict(shape=label, B=b, H=h, Sq=sq, Skv=skv, D=d, dtype=dtype_name(dtype))
+    cands = candidates(device, d, interpret, args.quick)
+    for impl, fn in cands.items():
+        if impl == "sdpa_math" and (args.quick or (device.type == "cuda" and 4 * b * h * sq * skv > MATH_SCORES_LIMIT)):
+            rec.skip(f"{label} {impl}", "the math backend materialises the scores (skipped in --quick and past "
+                                        "8 GiB of scores)", **base)
+            continue
+        try:
+            out = fn(q, k, v)
             if device.type == "cuda":
-                ms = time_ms(call, device)
-            else:  # a few seconds in all, the interpreter included
-                ms = time_ms(call, device, warmup=1, rep=3)
-            tflops = flops / (ms * 1e-3) / 1e12
-            rows.append(dict(shape=label, B=b, H=h, Sq=sq, Skv=skv, D=d, dtype=str(dtype).split(".")[-1],
-                             backend=name, ms=ms, tflops=tflops, frac_matmul_peak=tflops / peak_tflops,
-                             rel_err_vs_fp32=err))
-        for r in rows:
-            if r["backend"] == "fastdiff_op_auto":
-                r["auto_picks"] = ops.resolve_attention_backend(q)
-        sdpa = [r["tflops"] for r in rows if r["backend"].startswith("sdpa_") and "tflops" in r]
-        best_sdpa = max(sdpa) if sdpa else float("nan")
-        for r in rows:
-            if "tflops" in r:
-                r["ratio_to_best_sdpa"] = r["tflops"] / best_sdpa
-        records += rows
-        del q, k, v, ref
-    return records
+                torch.cuda.synchronize()
+        except (RuntimeError, ValueError) as e:  # e.g. no flash kernel for this head dim / dtype
+            rec.skip(f"{label} {impl}", str(e).splitlines()[0][:160], **base, failed=impl.startswith("fastdiff"))
+            continue
+        err = float((out.float() - ref).norm() / ref.norm())
+        ms = time_ms(functools.partial(fn, q, k, v), device)
+        floor_ms = flops / (peak_tflops * 1e12) * 1e3
+        extra = {"auto_picks": ops.resolve_attention_backend(q)} if impl == "fastdiff_op_auto" else {}
+        rec.row(**base, op="attention_fwd", impl=impl, ms=ms, flops=flops, tflops=flops / (ms * 1e-3) / 1e12,
+                floor_ms=floor_ms, frac_floor=floor_ms / ms, rel_err_vs_fp32=err, **extra)
+    if not args.backward:
+        return
+    grad = torch.randn_like(q)
+    for impl in ("fastdiff", "sdpa_default", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn"):
+        if impl not in cands:
+            continue
+        fn = (lambda q, k, v: ops.attention(q, k, v, backend="triton")) if impl == "fastdiff" else cands[impl]
+        qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+        run = _fwd_bwd(fn, qq, kk, vv, grad)
+        try:
+            run()
+        except (RuntimeError, ValueError) as e:
+            rec.skip(f"{label} {impl} backward", str(e).splitlines()[0][:160], **base,
+                     failed=impl.startswith("fastdiff"))
+            continue
+        ms = time_ms(run, device)
+        floor_ms = 2.5 * flops / (peak_tflops * 1e12) * 1e3
+        rec.row(**base, op="attention_fwd_bwd", impl=impl, ms=ms, flops=2.5 * flops,
+                tflops=2.5 * flops / (ms * 1e-3) / 1e12, floor_ms=floor_ms, frac_floor=floor_ms / ms)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    p.add_argument("--quick", action="store_true", help="fewer shapes")
+    p.add_argument("--quick", action="store_true", help="three shapes, bf16, no padded-tile or math rows")
+    p.add_argument("--full", action="store_true", help="bf16 and fp16")
+    p.add_argument("--backward", action="store_true", help="add forward + backward rows")
     p.add_argument("--dtype", nargs="+", default=None, choices=list(DTYPES),
-                   help="default: bf16 fp16 on a GPU, fp32 on the CPU")
+                   help="default: bf16 on a GPU (bf16 fp16 with --full), fp32 on the CPU")
+    add_output_args(p)
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if device.type == "cuda":
         shapes = [s for s in GPU_SHAPES if not args.quick or s[0] in QUICK_GPU]
-        dtypes = args.dtype or ["bf16", "fp16"]
+        dtypes = args.dtype or (["bf16", "fp16"] if args.full else ["bf16"])
     else:
         shapes = CPU_SHAPES[:1] if args.quick else CPU_SHAPES
         dtypes = args.dtype or ["fp32"]
-        print("CPU run: tiny shapes, numbers label the CPU and say nothing about GPU speed"
-              + ("" if interpret else " (Triton kernel skipped: set TRITON_INTERPRET=1 to include it)"))
-    records, peaks = [], {}
+    rec = RowWriter("attention", device, args,
+                    meta={"label": "CPU" if device.type == "cpu" else "GPU", "interpret": interpret,
+                          "flops_formula": "4*B*H*Sq*Skv*D (forward), 2.5x that forward + backward"})
+    if device.type == "cpu":
+        print("CPU run: tiny shapes, numbers label the CPU and say nothing about GPU speed")
+        if not interpret:
+            rec.skip("fastdiff rows", "no GPU and TRITON_INTERPRET is not set: the Triton kernel cannot run here")
+    if device.type == "cuda" and "xformers" not in candidates(device, 64, interpret, True):
+        rec.skip("xformers rows", have_module("xformers") or "xformers has no kernel for this GPU / torch")
     for name in dtypes:
         dtype = DTYPES[name]
-        peaks[name] = matmul_tflops(device, dtype)
-        print(f"{device_info(device)['name']}  {name}: measured matmul {peaks[name]:.3g} TFLOP/s")
-        rows = bench(device, dtype, shapes, peaks[name], interpret)
-        print_table([r for r in rows if "tflops" in r], COLUMNS)
-        for r in rows:
-            if "error" in r and device.type == "cuda":  # on the CPU only math and flash exist
-                print(f"  {r['shape']} {r['backend']}: not run ({r['error']})")
-        records += rows
-    extra = {"matmul_tflops": peaks, "label": "CPU" if device.type == "cpu" else "GPU",
-             "interpret": interpret, "flops_formula": "4*B*H*Sq*Skv*D"}
-    path = save_results("attention", records, args.out, device, extra=extra)
-    print(f"wrote {path}")
-    return 0
+        peak = rec.floor(f"matmul_tflops_{name}", matmul_tflops(device, dtype), "TFLOP/s", dtype=name)
+        print(f"{rec.device_record['name']}  {name}: measured matmul {peak:.3g} TFLOP/s", flush=True)
+        for shape in shapes:
+            bench_shape(rec, device, dtype, shape, peak, interpret, args)
+    print_table(rec.rows, COLUMNS)
+    rec.finish()
+    return rec.exit_status
 
 
 if __name__ == "__main__":

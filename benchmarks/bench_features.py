@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, save_results  # noqa: E402
+from common import RowWriter, add_output_args, print_table  # noqa: E402
 
 from fastdiff.features import RECIPES, FeatureExtractor  # noqa: E402
 from fastdiff.models import preset  # noqa: E402
@@ -121,7 +121,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default on CPU: 1; a shared 2-core runner pays thread wake-ups "
                         "on every op of these small forwards)")
-    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    add_output_args(p)
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
     if args.threads or not gpu:
@@ -132,11 +132,13 @@ def main(argv=None):
     rows = args.rows or (64 if gpu else 32)
     records = run(args.device, image_size, channels, images, rows, getattr(torch, args.dtype), args.min_time)
     print_table(records, ["setting", "method", "images_per_s", "speedup_vs_hook_loop", "seconds"])
-    path = save_results("bench_features", records, args.out, args.device,
-                        extra={"model": "adm-256-uncond (random weights)", "dtype": args.dtype,
-                               "threads": torch.get_num_threads(),
-                               "note": "CPU numbers at reduced size" if not gpu else "full size"})
-    print(f"wrote {path}")
+    rec = RowWriter("bench_features", args.device, args,
+                    meta={"model": "adm-256-uncond (random weights)", "dtype": args.dtype,
+                          "threads": torch.get_num_threads(),
+                          "note": "CPU numbers at reduced size" if not gpu else "full size"})
+    for r in records:
+        rec.row(**r)
+    rec.finish()
 
 
 if __name__ == "__main__":

@@ -1,12 +1,18 @@
 """Benchmark of the fused conditioning norms against PyTorch eager and torch.compile.
 
-    python benchmarks/bench_modulated_norm.py [--out DIR] [--quick]
+    python benchmarks/bench_modulated_norm.py [--quick | --full] [--compile] [--jsonl FILE] [--out DIR | --save]
 
 AdaGN (GroupNorm -> * (1 + scale) + shift -> SiLU) at U-Net shapes and DiT's LayerNorm-modulate,
-forward only. Reports, per shape: GB/s of each implementation over the fewest bytes the op must move
-(read x once, write out once), that rate as a fraction of the device's copy bandwidth measured in the
-same run, and the fused kernel's speed-up over each alternative. On a CPU the same code paths run at
-small sizes (the fused kernel only under TRITON_INTERPRET=1) and the numbers are labelled CPU.
+forward only. One row per (shape, dtype, layout, implementation): milliseconds, GB/s over the fewest
+bytes the op must move (read x once, write out once), and that time's floor (those bytes over the copy
+bandwidth measured in the same run) as ``frac_floor``. Implementations: ``fastdiff`` (the Triton kernel),
+``eager`` (the unfused PyTorch chain) and, with ``--compile``, ``compiled`` (that chain under
+``torch.compile``, one static graph per shape; default mode, ``max-autotune`` with ``--full``).
+``benchmarks/report.py`` turns the rows into the ratio to the strongest alternative.
+
+``--quick``: the issue's target shape (N=32, C=512, 32x32) and one LayerNorm shape, bf16. Default: every
+shape in bf16. ``--full``: every shape in bf16 and fp16. On a CPU the same code paths run at small sizes
+(the fused kernel only under TRITON_INTERPRET=1) and the rows are labelled CPU.
 """
 
 from __future__ import annotations
@@ -20,17 +26,29 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import copy_bandwidth_gbs, device_label, print_table, save_results, time_ms  # noqa: E402
+from common import (  # noqa: E402
+    RowWriter,
+    add_compile_args,
+    add_output_args,
+    compile_options,
+    copy_bandwidth_gbs,
+    dtype_name,
+    dynamo_graph_count,
+    print_table,
+    raise_recompile_limit,
+    time_ms,
+)
 
 from fastdiff import ops  # noqa: E402
 
-GPU_GN_SHAPES = [  # (N, C, H, W); 32 groups
-    (8, 128, 64, 64), (16, 256, 32, 32), (32, 512, 32, 32), (32, 512, 16, 16), (64, 1024, 8, 8),
-    (16, 128, 64, 64), (32, 256, 64, 64),
+GPU_GN_SHAPES = [  # (N, C, H, W, groups)
+    (8, 128, 64, 64, 32), (16, 256, 32, 32, 32), (32, 512, 32, 32, 32), (32, 512, 16, 16, 32),
+    (64, 1024, 8, 8, 32), (16, 128, 64, 64, 32), (32, 256, 64, 64, 32),
 ]
 GPU_LN_SHAPES = [(64, 256, 1152), (32, 1024, 1152), (64, 256, 768)]  # (N, L, D)
-CPU_GN_SHAPES = [(2, 64, 16, 16)]
-CPU_LN_SHAPES = [(2, 64, 96)]
+QUICK_GN, QUICK_LN = (32, 512, 32, 32, 32), (64, 256, 1152)
+CPU_GN_SHAPES = [(2, 32, 8, 8, 8)]  # the interpreter runs one Python-level program per (sample, group)
+CPU_LN_SHAPES = [(2, 16, 96)]
 
 
 def adagn_eager(x, g, w, b, s, t):
@@ -41,86 +59,94 @@ def ln_modulate_eager(x, s, t):
     return F.layer_norm(x, x.shape[-1:], None, None, 1e-6) * (1 + s[:, None]) + t[:, None]
 
 
-def bench_one(label, fns, nbytes, device, copy_gbs):
-    """Times each implementation; returns one record with GB/s, fraction of copy bandwidth, ratios."""
-    rec = {"shape": label, "bytes": nbytes}
-    times = {}
-    for name, fn in fns.items():
+def measure(rec: RowWriter, fns: dict, base: dict, nbytes: int, device, copy_gbs: float) -> None:
+    """Time each implementation and write one row each (a failing alternative is a skip row, not fatal)."""
+    floor_ms = nbytes / (copy_gbs * 1e9) * 1e3
+    for impl, make in fns.items():
         try:
-            times[name] = time_ms(fn, device)
-        except Exception as e:  # an alternative that cannot run here is reported, not fatal
-            rec[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:120]}"
-    for name, ms in times.items():
-        rec[f"{name}_ms"] = ms
-        rec[f"{name}_gbs"] = nbytes / (ms * 1e-3) / 1e9
-        rec[f"{name}_of_copy_bw"] = rec[f"{name}_gbs"] / copy_gbs
-    if "fused" in times:
-        for name, ms in times.items():
-            if name != "fused":
-                rec[f"speedup_vs_{name}"] = ms / times["fused"]
-    return rec
+            graphs = dynamo_graph_count() if impl == "compiled" else None
+            fn = make()
+            fn()  # warm: compilation happens here
+            extra = {"graphs_built": dynamo_graph_count() - graphs} if impl == "compiled" else {}
+            ms = time_ms(fn, device)
+        except Exception as e:  # e.g. a compile failure: reported, the others still run
+            rec.skip(f"{base['op']} {base['shape']} {impl}", f"{type(e).__name__}: {str(e).splitlines()[0][:160]}",
+                     failed=True)
+            continue
+        rec.row(**base, impl=impl, ms=ms, bytes=nbytes, gbs=nbytes / (ms * 1e-3) / 1e9, floor_ms=floor_ms,
+                frac_floor=floor_ms / ms, **extra)
 
 
-def run(device, quick: bool):
+def run(device: torch.device, args, rec: RowWriter) -> None:
     gpu = device.type == "cuda"
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    copy_gbs = copy_bandwidth_gbs(device)
-    print(f"device {device_label(device)}: copy bandwidth {copy_gbs:.0f} GB/s")
-    dtypes = [torch.bfloat16, torch.float16] if gpu else [torch.float32]
-    gn_shapes = GPU_GN_SHAPES if gpu else CPU_GN_SHAPES
-    ln_shapes = GPU_LN_SHAPES if gpu else CPU_LN_SHAPES
-    if quick:  # the issue's target shape (N=32, C=512, 32x32) on a GPU
-        gn_shapes, ln_shapes, dtypes = ([gn_shapes[2]] if gpu else gn_shapes[:1]), ln_shapes[:1], dtypes[:1]
-    fused_backend = "triton" if (gpu or interpret) else None
-    records = []
+    copy_gbs = rec.floor("copy_gbs", copy_bandwidth_gbs(device), "GB/s")
+    print(f"copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
+    if gpu:
+        dtypes = [torch.bfloat16, torch.float16] if args.full else [torch.bfloat16]
+        gn_shapes, ln_shapes = (([QUICK_GN], [QUICK_LN]) if args.quick else (GPU_GN_SHAPES, GPU_LN_SHAPES))
+    else:
+        dtypes, gn_shapes, ln_shapes = [torch.float32], CPU_GN_SHAPES, CPU_LN_SHAPES
+    fused = "triton" if (gpu or interpret) else None
+    if not fused:
+        rec.skip("fastdiff rows", "no GPU and TRITON_INTERPRET is not set: the Triton kernel cannot run here")
+    if args.compile:
+        raise_recompile_limit()
+    options = compile_options(args)
+
+    def compiled(fn, *a):  # one static graph per shape: a fresh wrapper per case, recompile limit raised
+        return partial(torch.compile(fn, dynamic=False, **options), *a)
+
     for dtype in dtypes:
-        for n, c, h, w in gn_shapes:
+        for n, c, h, w, groups in gn_shapes:
             for layout in ("nchw", "channels_last"):
                 x = torch.randn(n, c, h, w, device=device, dtype=dtype)
                 if layout == "channels_last":
                     x = x.to(memory_format=torch.channels_last)
                 wt, bs = torch.randn(c, device=device, dtype=dtype), torch.randn(c, device=device, dtype=dtype)
                 s, t = torch.randn(n, c, device=device, dtype=dtype), torch.randn(n, c, device=device, dtype=dtype)
-                args = (x, 32, wt, bs, s, t)
-                fns = {"eager": partial(adagn_eager, *args), "compile": partial(torch.compile(adagn_eager), *args)}
-                if fused_backend:
-                    fns["fused"] = partial(ops.group_norm_modulate, *args, activation="silu", backend=fused_backend)
-                nbytes = 2 * x.numel() * x.element_size()
-                rec = bench_one(f"adagn-silu N{n} C{c} {h}x{w}", fns, nbytes, device, copy_gbs)
-                rec.update(op="group_norm_modulate", dtype=str(dtype).replace("torch.", ""), layout=layout)
-                records.append(rec)
+                a = (x, groups, wt, bs, s, t)
+                fns = {"eager": lambda a=a: partial(adagn_eager, *a)}
+                if fused:
+                    fns["fastdiff"] = lambda a=a: partial(ops.group_norm_modulate, *a, activation="silu",
+                                                          backend=fused)
+                if args.compile:
+                    fns["compiled"] = lambda a=a: compiled(adagn_eager, *a)
+                base = dict(op="group_norm_modulate", shape=f"N{n} C{c} {h}x{w} G{groups} silu",
+                            dtype=dtype_name(dtype), layout=layout)
+                measure(rec, fns, base, 2 * x.numel() * x.element_size(), device, copy_gbs)
         for n, l, d in ln_shapes:
             x = torch.randn(n, l, d, device=device, dtype=dtype)
             s, t = torch.randn(n, d, device=device, dtype=dtype), torch.randn(n, d, device=device, dtype=dtype)
-            fns = {"eager": partial(ln_modulate_eager, x, s, t),
-                   "compile": partial(torch.compile(ln_modulate_eager), x, s, t)}
-            if fused_backend:
-                fns["fused"] = partial(ops.layer_norm_modulate, x, scale=s, shift=t, backend=fused_backend)
-            rec = bench_one(f"ln-modulate N{n} L{l} D{d}", fns, 2 * x.numel() * x.element_size(), device,
-                            copy_gbs)
-            rec.update(op="layer_norm_modulate", dtype=str(dtype).replace("torch.", ""), layout="nld")
-            records.append(rec)
-    return records, copy_gbs
+            fns = {"eager": lambda x=x, s=s, t=t: partial(ln_modulate_eager, x, s, t)}
+            if fused:
+                fns["fastdiff"] = lambda x=x, s=s, t=t: partial(ops.layer_norm_modulate, x, scale=s, shift=t,
+                                                                backend=fused)
+            if args.compile:
+                fns["compiled"] = lambda x=x, s=s, t=t: compiled(ln_modulate_eager, x, s, t)
+            base = dict(op="layer_norm_modulate", shape=f"N{n} L{l} D{d}", dtype=dtype_name(dtype), layout="nld")
+            measure(rec, fns, base, 2 * x.numel() * x.element_size(), device, copy_gbs)
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
-    parser.add_argument("--quick", action="store_true", help="one shape per op, one dtype")
+    parser.add_argument("--quick", action="store_true", help="the target shape and one LayerNorm shape, bf16")
+    parser.add_argument("--full", action="store_true", help="bf16 and fp16; compile mode max-autotune")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_compile_args(parser)
+    add_output_args(parser)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    records, copy_gbs = run(device, args.quick)
-    print_table(records, ["op", "shape", "dtype", "layout", "fused_gbs", "fused_of_copy_bw", "speedup_vs_eager",
-                          "speedup_vs_compile", "eager_gbs", "compile_gbs"])
-    path = save_results("modulated_norm", records, args.out, device,
-                        extra={"copy_bandwidth_gbs": copy_gbs,
-                               "note": "CPU numbers: interpreter/eager on a CPU, not a GPU result"
-                               if device.type != "cuda" else "",
-                               "target": "AdaGN+SiLU N32 C512 32x32 bf16: >= 0.85 of copy bandwidth, "
-                                         ">= 1.4x compile, >= 3x eager"})
-    print(f"wrote {path}")
+    rec = RowWriter("modulated_norm", device, args,
+                    meta={"label": "GPU" if device.type == "cuda" else "CPU",
+                          "note": "" if device.type == "cuda" else "CPU numbers: interpreter/eager, not a GPU result",
+                          "target": "AdaGN+SiLU N32 C512 32x32 bf16: >= 0.85 of copy bandwidth, >= 1.4x compile, "
+                                    ">= 3x eager"})
+    run(device, args, rec)
+    print_table(rec.rows, ["op", "shape", "dtype", "layout", "impl", "ms", "gbs", "frac_floor"])
+    rec.finish()
+    return rec.exit_status
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,7 +15,10 @@ The variants run interleaved (A B C A B C ...) ``--repeats`` times after one unt
 session creation, compilation), and each row reports the median time, so drift of a shared machine falls
 on all variants alike. Ratios: ``x_eager_fp32`` (over ``pytorch-eager-fp32``), ``x_best`` (over
 ``pytorch-best``) and for ddpm-cifar10 ``x_diffusers_fp32``. Random weights: speed does not depend on them.
-JSON with the device under ``benchmarks/results/bench_onnx-{device}.json``.
+Every row goes to ``--jsonl`` as it is measured; ``--out DIR`` / ``--save`` write
+``bench_onnx-{device}.json``. On a GPU the ONNX Runtime rows need its CUDAExecutionProvider (the
+``onnxruntime-gpu`` package): without it they are skipped with that reason (the CPU provider beside GPU
+rows would compare nothing), and the diffusers row needs diffusers (else a skip row says so).
 
     python benchmarks/bench_onnx.py --threads 2                  # CPU, all models
     python benchmarks/bench_onnx.py --models ddpm-cifar10 --steps 50 --repeats 5
@@ -25,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import os
 import statistics
 import sys
@@ -35,7 +37,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_e2e import diffusers_loop, timed  # noqa: E402
-from common import RESULTS_DIR, device_label, print_table, save_results  # noqa: E402
+from common import RowWriter, add_output_args, have_module, ort_cuda_reason, print_table  # noqa: E402
 
 # model -> (batch, steps): ddpm-cifar10 at the issue's setting, the others short enough for 2 CPU cores
 MODELS = {
@@ -46,7 +48,7 @@ MODELS = {
 }
 
 
-def make_runs(name: str, batch: int, steps: int, device, args) -> dict:
+def make_runs(name: str, batch: int, steps: int, device, args, rec: RowWriter) -> dict:
     """variant -> a zero-argument sampling call; every variant samples the same seeds and labels."""
     import fastdiff
     from fastdiff.cli import load_model
@@ -73,7 +75,10 @@ def make_runs(name: str, batch: int, steps: int, device, args) -> dict:
     if args.compile:
         mode = "max-autotune-no-cudagraphs" if device.type == "cuda" else True
         runs["pytorch-compiled"] = torch_run(compile=mode)
-    if name == "ddpm-cifar10" and importlib.util.find_spec("diffusers") is not None:
+    missing = have_module("diffusers") if name == "ddpm-cifar10" else None
+    if missing:
+        rec.skip(f"{name} diffusers-eager-fp32", missing, model=name)
+    elif name == "ddpm-cifar10":
         from diffusers import DDIMScheduler, UNet2DModel
 
         from fastdiff.models import PRESETS
@@ -81,18 +86,23 @@ def make_runs(name: str, batch: int, steps: int, device, args) -> dict:
         unet = UNet2DModel(**PRESETS["ddpm-cifar10"][1]).eval()
         unet.load_state_dict(den.model.state_dict(), strict=True)
         runs["diffusers-eager-fp32"] = diffusers_loop(unet.to(device), DDIMScheduler, steps, batch, device)
-    runs["onnxruntime"] = lambda: fastdiff.sample(den, shape, **common, runtime="onnxruntime")  # fp32, exported once
+    missing = ort_cuda_reason() if device.type == "cuda" else have_module("onnxruntime")
+    if missing:
+        rec.skip(f"{name} onnxruntime", missing, model=name)
+    else:  # fp32, exported once (in the untimed warm-up)
+        runs["onnxruntime"] = lambda: fastdiff.sample(den, shape, **common, runtime="onnxruntime")
     return runs
 
 
-def bench_model(name: str, batch: int, steps: int, device, args) -> list:
-    runs = make_runs(name, batch, steps, device, args)
+def bench_model(name: str, batch: int, steps: int, device, args, rec: RowWriter) -> list:
+    runs = make_runs(name, batch, steps, device, args, rec)
     for run in runs.values():
         run()  # untimed: export, session creation, compilation
     times = {v: [] for v in runs}
     for _ in range(args.repeats):
         for variant, run in runs.items():
             times[variant].append(timed(run, device))
+            rec.partial(model=name, variant=variant, batch=batch, steps=steps, seconds=times[variant][-1])
     rows = []
     for variant, ts in times.items():
         sec = statistics.median(ts)
@@ -106,10 +116,11 @@ def bench_model(name: str, batch: int, steps: int, device, args) -> list:
         r["x_best"] = r["images_per_s"] / base["pytorch-best"]
         if "diffusers-eager-fp32" in base:
             r["x_diffusers_fp32"] = r["images_per_s"] / base["diffusers-eager-fp32"]
+        rec.row(**r)
     return rows
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -118,27 +129,30 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="add the torch.compile row")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", "--out-dir", dest="out_dir", default=None, help="results folder")
+    add_output_args(p)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    import onnxruntime as ort
+    missing = have_module("onnxruntime")
+    ort_version = None if missing else __import__("onnxruntime").__version__
+    rec = RowWriter("bench_onnx", device, args, meta={"threads": torch.get_num_threads(), "repeats": args.repeats,
+                                                      "onnxruntime": ort_version})
+    if missing:
+        rec.skip("every onnxruntime row", missing)
+    else:
+        import onnxruntime as ort
 
-    print(f"bench_onnx on {device_label(device)} (torch threads {torch.get_num_threads()}, onnxruntime "
-          f"{ort.__version__}, providers {ort.get_available_providers()})", flush=True)
-    rows = []
+        print(f"bench_onnx on {rec.device_record['name']} (torch threads {torch.get_num_threads()}, onnxruntime "
+              f"{ort.__version__}, providers {ort.get_available_providers()})", flush=True)
     for name in args.models:
         batch, steps = MODELS[name]
-        rows += bench_model(name, args.batch or batch, args.steps or steps, device, args)
-    path = save_results("bench_onnx", rows, args.out_dir, device,
-                        extra={"threads": torch.get_num_threads(), "repeats": args.repeats,
-                               "onnxruntime": ort.__version__})
-    print_table(rows, ["model", "variant", "batch", "steps", "images_per_s", "x_eager_fp32", "x_best",
-                       "x_diffusers_fp32"])
-    print(f"wrote {path}")
+        bench_model(name, args.batch or batch, args.steps or steps, device, args, rec)
+    print_table(rec.rows, ["model", "variant", "batch", "steps", "images_per_s", "x_eager_fp32", "x_best",
+                           "x_diffusers_fp32"])
+    rec.finish()
+    return rec.exit_status
 
 
 if __name__ == "__main__":
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    main()
+    sys.exit(main())

@@ -1,19 +1,22 @@
 """Fused sampler update (fastdiff.ops.sampler_step) against the unfused PyTorch chain and diffusers' step.
 
-    python benchmarks/bench_sampler_step.py [--out DIR] [--quick]
+    python benchmarks/bench_sampler_step.py [--quick | --full] [--compile] [--jsonl FILE] [--out DIR | --save]
 
-For each case (sampler row form x dtype x shape) it times one update:
+For each case (sampler row form x dtype x shape) it times one update, one row per implementation:
 
-- ``fused``: the Triton kernel (GPU; on the CPU the op's reference path, labelled so);
+- ``fastdiff``: the Triton kernel (GPU, or the CPU under TRITON_INTERPRET=1; else the op's reference path,
+  labelled so in ``path``);
 - ``eager`` / ``compiled``: the same update as a plain PyTorch chain (guidance combine, x0, the linear
-  combination, the history copy) in eager mode and under ``torch.compile`` (GPU only);
-- ``diffusers``: the guidance combine plus ``DPMSolverMultistepScheduler.step`` (for the 2M rows, where
-  diffusers is installed).
+  combination, the history copy) in eager mode and, with ``--compile``, under ``torch.compile``: one
+  static graph per (case, shape, dtype), dynamo's recompile limit raised so that none falls back to eager
+  (each row says how many graphs its warm-up built, ``graphs_built``; a row whose warm-up built none is
+  marked ``compiled_fell_back``);
+- ``diffusers``: the guidance combine plus ``DPMSolverMultistepScheduler.step`` (the 2M and 3M-SDE rows,
+  float32, where diffusers imports; otherwise a skip row says why).
 
 Bytes are the fewest the update must move (each input read once, x_next and one history slot written
-once); GB/s = bytes / time, ``frac_copy`` = GB/s over the copy bandwidth measured in the same run (the
-floor). On the CPU the sizes are tiny and the numbers measure per-step host overhead (labelled CPU).
-Results go to ``{out}/bench_sampler_step-{device}.json``.
+once); the floor is those bytes over the copy bandwidth measured in the same run (``frac_floor``). On the
+CPU the sizes are tiny and the numbers measure per-step host overhead (labelled CPU).
 """
 
 from __future__ import annotations
@@ -26,7 +29,19 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import copy_bandwidth_gbs, device_info, print_table, save_results, time_ms  # noqa: E402
+from common import (  # noqa: E402
+    RowWriter,
+    add_compile_args,
+    add_output_args,
+    compile_options,
+    copy_bandwidth_gbs,
+    dtype_name,
+    dynamo_graph_count,
+    have_module,
+    print_table,
+    raise_recompile_limit,
+    time_ms,
+)
 
 from fastdiff import ops  # noqa: E402
 from fastdiff import samplers as S  # noqa: E402
@@ -104,10 +119,10 @@ def chain_fn(inp, fn):
 
 def diffusers_fn(inp, dtype, device):
     """guidance combine + DPMSolverMultistepScheduler.step at a second-order step, or None."""
-    try:
-        import diffusers
-    except ImportError:
+    if have_module("diffusers") is not None:
         return None
+    import diffusers
+
     sampler = CASES[inp["case"]][0]
     if sampler not in ("dpmpp_2m", "dpmpp_3m_sde"):
         return None
@@ -131,55 +146,68 @@ def diffusers_fn(inp, dtype, device):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and dtypes")
+    parser.add_argument("--quick", action="store_true", help="two shapes, bf16")
+    parser.add_argument("--full", action="store_true", help="float32, bf16 and fp16; compile mode max-autotune")
+    add_compile_args(parser)
+    add_output_args(parser)
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
     label = "GPU" if gpu else "CPU"
     shapes = GPU_SHAPES if gpu else CPU_SHAPES
-    dtypes = [torch.float32, torch.bfloat16, torch.float16] if gpu else [torch.float32]
+    if gpu:
+        dtypes = [torch.float32, torch.bfloat16, torch.float16] if args.full else [torch.float32, torch.bfloat16]
+    else:
+        dtypes = [torch.float32]
     if args.quick:
-        shapes = dict(list(shapes.items())[:2])
-        dtypes = dtypes[:2]
-    copy_gbs = copy_bandwidth_gbs(device)
-    info = device_info(device)
-    print(f"device: {info.get('name')}  copy bandwidth {copy_gbs:.1f} GB/s  ({label})")
-    compiled_chain = torch.compile(unfused_chain, dynamic=False) if gpu else None
-    records = []
+        shapes = dict(list(shapes.items())[:2] if gpu else list(shapes.items())[:1])
+        dtypes = [torch.bfloat16] if gpu else dtypes
+    fused_backend = "triton" if (gpu or interpret) else "reference"
+    rec = RowWriter("bench_sampler_step", device, args,
+                    meta={"label": label, "fused_path": fused_backend,
+                          "note": "CPU numbers are per-step host overhead at tiny sizes, not bandwidth"
+                          if not gpu else "fastdiff = Triton kernel"})
+    copy_gbs = rec.floor("copy_gbs", copy_bandwidth_gbs(device), "GB/s")
+    print(f"device: {rec.device_record.get('name')}  copy bandwidth {copy_gbs:.1f} GB/s  ({label})", flush=True)
+    if args.compile:
+        raise_recompile_limit()
+    options = compile_options(args)
+    missing_diffusers = have_module("diffusers")
+    if missing_diffusers:
+        rec.skip("diffusers rows", missing_diffusers)
     for case in CASES:
         for sname, shape in shapes.items():
             for dtype in dtypes:
                 inp = make_case(case, shape, dtype, device)
                 inp["case"] = case
                 nbytes = moved_bytes(inp)
-                rec = dict(case=case, shape=sname, dtype=str(dtype).replace("torch.", ""), device_kind=label,
-                           bytes=nbytes, floor_us=nbytes / (copy_gbs * 1e9) * 1e6)
-                variants = {"fused": fused_fn(inp, "triton" if gpu else "reference"),
-                            "eager": chain_fn(inp, unfused_chain)}
-                if compiled_chain is not None:
-                    variants["compiled"] = chain_fn(inp, compiled_chain)
+                floor_ms = nbytes / (copy_gbs * 1e9) * 1e3
+                base = dict(op="sampler_step", case=case, shape=sname, dtype=dtype_name(dtype), device_kind=label)
+                variants = {"fastdiff": fused_fn(inp, fused_backend), "eager": chain_fn(inp, unfused_chain)}
+                if args.compile:  # a fresh wrapper per case: one static graph each
+                    variants["compiled"] = chain_fn(inp, torch.compile(unfused_chain, dynamic=False, **options))
                 diff = diffusers_fn(inp, dtype, device)
                 if diff is not None and dtype == torch.float32:
                     variants["diffusers"] = diff
-                for vname, fn in variants.items():
+                for impl, fn in variants.items():
+                    before = dynamo_graph_count() if impl == "compiled" else 0
+                    fn()  # warm (and compile)
+                    extra = {}
+                    if impl == "compiled":
+                        built = dynamo_graph_count() - before
+                        extra = {"graphs_built": built, "compiled_fell_back": built == 0}
+                    elif impl == "fastdiff":
+                        extra = {"path": fused_backend}
                     ms = time_ms(fn, device, rep=30 if args.quick else 100)
-                    rec[f"{vname}_us"] = ms * 1e3
-                    rec[f"{vname}_gbs"] = nbytes / (ms * 1e-3) / 1e9
-                rec["fused_frac_copy"] = rec["fused_gbs"] / copy_gbs
-                for vname in variants:
-                    if vname != "fused":
-                        rec[f"speedup_vs_{vname}"] = rec[f"{vname}_us"] / rec["fused_us"]
-                records.append(rec)
-    cols = ["case", "shape", "dtype", "fused_us", "fused_gbs", "fused_frac_copy", "eager_us", "compiled_us",
-            "diffusers_us", "speedup_vs_eager", "speedup_vs_compiled", "speedup_vs_diffusers"]
-    print_table(records, cols)
-    path = save_results("bench_sampler_step", records, args.out, device,
-                        extra={"copy_bandwidth_gbs": copy_gbs, "label": label,
-                               "note": "CPU numbers are per-step host overhead at tiny sizes, not bandwidth"
-                               if not gpu else "fused = Triton kernel"})
-    print(f"wrote {path}")
-    return 0
+                    rec.row(**base, impl=impl, ms=ms, bytes=nbytes, gbs=nbytes / (ms * 1e-3) / 1e9,
+                            floor_ms=floor_ms, frac_floor=floor_ms / ms, **extra)
+    if args.compile:
+        rec.meta_update(compiled_graphs_total=dynamo_graph_count(), compile_options=options)
+        print(f"torch.compile built {dynamo_graph_count()} graphs in all", flush=True)
+    print_table(rec.rows, ["case", "shape", "dtype", "impl", "ms", "gbs", "frac_floor", "graphs_built"])
+    rec.finish()
+    return rec.exit_status
 
 
 if __name__ == "__main__":

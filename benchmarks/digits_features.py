@@ -16,13 +16,14 @@ the null label (unconditional features).
    pixel of the source matched in the target; PCK@1 (within one pixel of the truth) of the features,
    upsampled to 16x16, against 3x3 raw-pixel patches as the baseline.
 
-    python benchmarks/digits_features.py    # prints the tables, writes results/digits_features.json
+    python benchmarks/digits_features.py          # prints the tables
+    python benchmarks/digits_features.py --save   # ... and writes results/digits_features.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 from pathlib import Path
 
@@ -123,9 +124,9 @@ def main(argv=None):
     p.add_argument("--ensemble", type=int, default=4)
     p.add_argument("--pairs", type=int, default=100)
     p.add_argument("--threads", type=int, default=None)
-    results_json = Path(__file__).resolve().parent / "results" / "digits_features.json"
-    p.add_argument("--json", default=str(results_json),
-                   help="write the results here ('' for nowhere)")
+    p.add_argument("--json", default="", help="write the results JSON here (default: nowhere)")
+    p.add_argument("--save", action="store_true",
+                   help="write benchmarks/results/digits_features.json, the committed result")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -176,10 +177,12 @@ def main(argv=None):
     for r in results["correspondence"]:
         print(f"{r['layer']} t={r['t']}: features {r['pck1_features']:.3f}   3x3 pixel patches "
               f"{r['pck1_pixels']:.3f}   ({r['pairs']} pairs)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-        print(f"wrote {args.json}")
+    out = Path(__file__).resolve().parent / "results" / "digits_features.json" if args.save else args.json
+    if out:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from common import write_json_atomic
+
+        print(f"wrote {write_json_atomic(out, results)}")
 
 
 if __name__ == "__main__":

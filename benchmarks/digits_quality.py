@@ -10,13 +10,13 @@ accuracy on the real held-out quarter as the ceiling.
     python benchmarks/digits_quality.py                          # all samplers, 30 samples each
     python benchmarks/digits_quality.py --samplers dpmpp_2m --steps 20 --n 100
 
-Writes ``benchmarks/results/digits_quality-cpu.json`` and prints a markdown table.
+Prints a markdown table; ``--save`` writes ``benchmarks/results/digits_quality-cpu.json`` (the committed
+result), ``--out FILE`` any other file (never by default; written to a temporary name, then renamed).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import RESULTS_DIR, device_info  # noqa: E402
+from common import RESULTS_DIR, device_info, write_json_atomic  # noqa: E402
 
 
 def real_digit_classifier():
@@ -87,7 +87,9 @@ def main(argv=None) -> None:
     p.add_argument("--guidance", type=float, default=None, help="default: the model's (the CLI default)")
     p.add_argument("--dtype", default=None, help="default: the engine's policy (as the CLI)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=str(RESULTS_DIR / "digits_quality-cpu.json"))
+    p.add_argument("--out", default=None, help="write the results JSON here (default: nowhere)")
+    p.add_argument("--save", action="store_true",
+                   help="write benchmarks/results/digits_quality-cpu.json, the committed result")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,11 +111,10 @@ def main(argv=None) -> None:
     record = {"benchmark": "digits_quality", "device": device_info("cpu"), "guidance": guidance,
               "dtype": str(dtype or engine.default_dtype("cpu")), "classifier_real_test_accuracy": real_acc,
               "weights_training": den.metadata.get("training"), "results": results}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=2)
     print("\n" + markdown_table(record))
-    print(f"\nwrote {args.out}")
+    out = RESULTS_DIR / "digits_quality-cpu.json" if args.save else args.out
+    if out:
+        print(f"\nwrote {write_json_atomic(out, record)}")
 
 
 if __name__ == "__main__":

@@ -5,10 +5,16 @@ outputs and gradients."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import KERNEL_DEVICE, rel_l2
+from conftest import INTERPRET, KERNEL_DEVICE, rel_l2
 
 from fastdiff import ops
 from fastdiff.kernels import modulated_norm as mn
+
+# Tests that send CPU tensors to backend="triton" run the kernels under the Triton interpreter only (on a GPU
+# machine the kernel tests proper run on CUDA tensors through KERNEL_DEVICE).
+needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="CPU tensors through backend='triton' need "
+                                       "TRITON_INTERPRET=1")
+TRITON_ON_CPU = pytest.param("triton", marks=needs_interpreter)
 
 # (label, shape, num_groups, layout, mean offset)
 GN_CASES = [
@@ -232,6 +238,7 @@ def test_layer_norm_modulate_large_offset(backend):
     assert rel_l2(out, ln_oracle(x, s, t, None, None, 1e-6)) <= 1e-6
 
 
+@needs_interpreter
 def test_layer_norm_modulate_non_contiguous():
     base = torch.randn(2, 12, 100)
     x = base[:, ::2, 10:74]  # strided tokens and a feature slice
@@ -245,7 +252,7 @@ def test_layer_norm_modulate_non_contiguous():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference", "auto"])
+@pytest.mark.parametrize("backend", [TRITON_ON_CPU, "reference", "auto"])
 def test_empty_batch(backend):
     x = torch.randn(0, 32, 4, 4)
     out = ops.group_norm_modulate(x, 8, scale=torch.randn(0, 32), shift=torch.randn(0, 32), backend=backend)
@@ -255,7 +262,7 @@ def test_empty_batch(backend):
     assert y.shape == (0, 5, 16)
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference", "auto"])
+@pytest.mark.parametrize("backend", [TRITON_ON_CPU, "reference", "auto"])
 def test_nan_stays_in_its_sample(backend):
     x = torch.randn(3, 16, 4, 4)
     x[1, 3, 2, 2] = float("nan")
@@ -307,6 +314,7 @@ def test_layer_norm_modulate_bad_input():
 # ---------------------------------------------------------------------------------------------
 
 
+@needs_interpreter
 def test_backend_precedence(monkeypatch):
     calls = []
     real = mn.group_norm_modulate_forward
@@ -334,7 +342,7 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
         ops.group_norm_modulate(torch.randn(1, 4, 2, 2), 2, backend="triton")
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton", "auto"])
+@pytest.mark.parametrize("backend", ["reference", TRITON_ON_CPU, "auto"])
 def test_opcheck(backend):
     x = torch.randn(2, 8, 3, 3)
     s, t, w = torch.randn(2, 8), torch.randn(2, 8), torch.randn(8)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import KERNEL_DEVICE, rel_l2
+from conftest import INTERPRET, KERNEL_DEVICE, rel_l2
 
 from fastdiff import ops
 from fastdiff.kernels.sampler_step import build_configs
@@ -180,3 +180,44 @@ def test_build_configs_form():
         assert set(c) == {"name", "fn", "signature", "constexprs", "num_warps", "num_stages"}
         assert set(c["constexprs"]) <= {k for k, v in c["signature"].items() if v == "constexpr"}
         assert c["constexprs"]["NCOL"] == 11 + c["constexprs"]["NUM_SLOTS"]
+
+
+@pytest.mark.skipif(not INTERPRET, reason="calls the kernel directly on CPU tensors (Triton interpreter)")
+def test_history_slot_offsets_are_int64():
+    """Slot s of the history ring is ``s * N * M`` elements in: with N * M = 2^30 (an i32 argument) slot 2
+    sits 2^31 in, which int32 arithmetic wraps to -2^31. One program reads slot 2 of a history whose
+    storage is 8 GiB of address space (only the few pages read are ever touched); the wrapped address
+    would land on a block of -1s at the start of the same storage."""
+    from fastdiff.kernels.sampler_step import BLOCK, NUM_FIXED_COLUMNS, _sampler_step_kernel
+
+    slot_stride, num_slots, m = 2**30, 3, BLOCK
+    storage = torch.empty(2**31 + num_slots * slot_stride + m, dtype=torch.float16)  # lazily mapped
+    base = 2**31  # the history starts here; a wrapped slot-2 offset reads storage[0:m]
+    storage[:m] = -1.0
+    want = torch.arange(m, dtype=torch.float16) / m
+    storage[base + 2 * slot_stride: base + 2 * slot_stride + m] = want
+    storage[base: base + m] = 5.0  # slot 0 (coefficient 0: never read)
+    history = storage[base:]
+    table = torch.zeros(1, NUM_FIXED_COLUMNS + num_slots, dtype=torch.float64)
+    table[0, 10] = -1  # write no slot
+    table[0, NUM_FIXED_COLUMNS + 2] = 1.0  # x_next = history[2]
+    x = torch.zeros(1, m)
+    out = torch.empty_like(x)
+    rows = torch.zeros(1, dtype=torch.int32)
+    _sampler_step_kernel[(1, 1)](
+        x, x, x, x, x, history, table, rows, table, out,
+        m, 1, slot_stride,
+        m, m, m, m, m, 0, 0,
+        1.0,
+        NCOL=NUM_FIXED_COLUMNS + num_slots, NUM_SLOTS=num_slots, HAS_UNCOND=False, LEARNED_VAR=False,
+        HAS_NOISE=False, CLIP=False, BLOCK=BLOCK)
+    assert torch.equal(out[0], want.float())
+
+
+def test_launcher_refuses_what_the_grid_cannot_hold(monkeypatch):
+    from fastdiff.kernels import sampler_step as ks
+
+    monkeypatch.setattr(ks, "_MAX_GRID_Y", 2)
+    inp = cast(make_inputs((3, 2, 5)), torch.float32)
+    with pytest.raises(ValueError, match="at most 2 samples"):
+        call(inp, "triton")

@@ -85,8 +85,11 @@ def _fwd_kv_block(
     MASK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr,
 ):
     """One BLOCK_N slab of keys into the running (acc, m, l) of a block of queries."""
+    if INT64_OFFSETS:
+        start_n = tl.cast(start_n, tl.int64)
     cols = start_n + offs_n
     mask_n = cols < Skv
     if MASK_N:
@@ -167,6 +170,7 @@ def _attn_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (the interpreter), ignored for fp16/bf16
     STRIDE_MULT: tl.constexpr,  # power of two dividing the q/k/v/out strides; those args are divided by it
+    INT64_OFFSETS: tl.constexpr,  # row/column offsets in int64 (a (batch, head) slice or bias past 2^31)
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -182,10 +186,16 @@ def _attn_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, BLOCK_D0)
+    if INT64_OFFSETS:  # every index * stride product below is then 64-bit
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+        offs_d0 = offs_d0.to(tl.int64)
     mask_m = offs_m < Sq
     mask_d0 = offs_d0 < HEAD_DIM
     if BLOCK_D1 > 0:
         offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+        if INT64_OFFSETS:
+            offs_d1 = offs_d1.to(tl.int64)
         mask_d1 = offs_d1 < HEAD_DIM
     else:
         offs_d1 = offs_d0
@@ -214,7 +224,11 @@ def _attn_fwd_kernel(
     if HAS_BIAS:
         # a scalar base and int32 offsets: a tensor of 64-bit pointers would hold twice the registers
         bias_base = Bias + off_b * stride_bias_b + off_h * stride_bias_h
-        bias_offs = offs_m[:, None] * stride_bias_m + offs_n[None, :] * stride_bias_n
+        if INT64_OFFSETS:  # a column of row pointers and a row of int64 column offsets, broadcast per block
+            bias_base = bias_base + offs_m[:, None] * stride_bias_m
+            bias_offs = offs_n[None, :] * stride_bias_n
+        else:
+            bias_offs = offs_m[:, None] * stride_bias_m + offs_n[None, :] * stride_bias_n
     else:
         bias_base = Bias
         bias_offs = 0
@@ -228,13 +242,13 @@ def _attn_fwd_kernel(
             acc0, acc1, m_i, l_i, q0, q1, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, bias_base, bias_offs,
             start_n, offs_m, offs_n, mask_m, mask_d0, mask_d1, Sq, Skv, qk_scale,
             stride_ks, stride_vs, stride_bias_n,
-            BLOCK_D1, False, HAS_BIAS, DOT_PRECISION)
+            BLOCK_D1, False, HAS_BIAS, DOT_PRECISION, INT64_OFFSETS)
     if n_full < Skv:
         acc0, acc1, m_i, l_i = _fwd_kv_block(
             acc0, acc1, m_i, l_i, q0, q1, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, bias_base, bias_offs,
             n_full, offs_m, offs_n, mask_m, mask_d0, mask_d1, Sq, Skv, qk_scale,
             stride_ks, stride_vs, stride_bias_n,
-            BLOCK_D1, True, HAS_BIAS, DOT_PRECISION)
+            BLOCK_D1, True, HAS_BIAS, DOT_PRECISION, INT64_OFFSETS)
 
     # l == 0 only for a fully masked row, where acc is 0 too: the row comes out as zeros.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -299,6 +313,7 @@ def _attn_bwd_dkdv_kernel(
     HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     STRIDE_MULT: tl.constexpr,  # power of two dividing the q/k/v/dout strides; those args are divided by it
+    INT64_OFFSETS: tl.constexpr,  # row/column offsets in int64 (a (batch, head) slice or bias past 2^31)
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -311,6 +326,10 @@ def _attn_bwd_dkdv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    if INT64_OFFSETS:
+        offs_n = offs_n.to(tl.int64)
+        offs_m = offs_m.to(tl.int64)
+        offs_d = offs_d.to(tl.int64)
     mask_n = offs_n < Skv
     mask_d = offs_d < HEAD_DIM
     mask_nd = mask_n[:, None] & mask_d[None, :]
@@ -333,6 +352,8 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start_m in range(0, Sq, BLOCK_M):
+        if INT64_OFFSETS:
+            start_m = tl.cast(start_m, tl.int64)
         rows = start_m + offs_m
         mask_m = rows < Sq
         q = tl.load(q_ptrs + start_m * stride_qs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
@@ -398,6 +419,7 @@ def _attn_bwd_dq_kernel(
     HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     STRIDE_MULT: tl.constexpr,  # power of two dividing the q/k/v/dout strides; those args are divided by it
+    INT64_OFFSETS: tl.constexpr,  # row/column offsets in int64 (a (batch, head) slice or bias past 2^31)
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -410,6 +432,10 @@ def _attn_bwd_dq_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    if INT64_OFFSETS:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+        offs_d = offs_d.to(tl.int64)
     mask_m = offs_m < Sq
     mask_d = offs_d < HEAD_DIM
     mask_md = mask_m[:, None] & mask_d[None, :]
@@ -430,6 +456,8 @@ def _attn_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, Skv, BLOCK_N):
+        if INT64_OFFSETS:
+            start_n = tl.cast(start_n, tl.int64)
         cols = start_n + offs_n
         mask_n = cols < Skv
         k = tl.load(k_ptrs + start_n * stride_ks, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
@@ -485,7 +513,7 @@ _FWD_GPU_CONFIGS = {
         (128, False): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
         (64, True): [(64, 64, 8, 3), (64, 32, 4, 2), (128, 32, 8, 2)],
         (96, True): [(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2)],
-        (128, True): [(64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
+        (128, True): [(64, 32, 4, 2), (128, 32, 8, 2), (128, 32, 8, 3)],
     },
     80: {
         (64, False): [(128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)],
@@ -497,12 +525,28 @@ _FWD_GPU_CONFIGS = {
     },
 }
 # Backward configs on a GPU by arch and (padded tile width, bias): (BLOCK_M, BLOCK_N, num_warps,
-# num_stages), the same tile for the dkdv and dq kernels.
+# num_stages) of the dkdv kernel (BLOCK_N keys per program, BLOCK_M queries per step) and of the dq kernel
+# (BLOCK_M queries per program, BLOCK_N keys per step). Where the head dim is masked inside its tile
+# (D = 72/80/96 in 128) or a bias tile is loaded, the dkdv kernel at (64, 64, 8, 2) spills under
+# Triton 3.6 (sm_90a), as it does on sm_80 at width 64: those take 32 queries per step instead, keeping
+# the 64-key block and the pipelining; the dq kernel keeps its tile.
 _BWD_GPU_CONFIG = {
-    90: {(64, False): (64, 64, 4, 2), (128, False): (64, 64, 8, 2),
-         (64, True): (64, 64, 8, 2), (128, True): (64, 64, 8, 2)},
-    80: {(64, False): (64, 64, 8, 2), (128, False): (64, 64, 8, 2),
-         (64, True): (32, 32, 4, 2), (128, True): (64, 32, 8, 2)},
+    90: {(16, False): ((64, 64, 4, 2),) * 2, (32, False): ((64, 64, 4, 2),) * 2,
+         (64, False): ((64, 64, 4, 2),) * 2,
+         (128, False): ((64, 64, 8, 2),) * 2, ("masked128", False): ((32, 64, 8, 2), (64, 64, 8, 2)),
+         (16, True): ((64, 64, 8, 2),) * 2, (32, True): ((64, 64, 8, 2),) * 2, (64, True): ((64, 64, 8, 2),) * 2,
+         (128, True): ((32, 64, 8, 2), (64, 64, 8, 2))},
+    80: {(16, False): ((64, 64, 8, 2),) * 2, (32, False): ((64, 64, 8, 2),) * 2,
+         (64, False): ((32, 64, 8, 2), (64, 64, 8, 2)), (128, False): ((64, 64, 8, 2),) * 2,
+         (16, True): ((32, 32, 4, 2),) * 2, (32, True): ((32, 32, 4, 2),) * 2, (64, True): ((32, 32, 4, 2),) * 2,
+         (128, True): ((64, 32, 8, 2),) * 2},
+}
+# The INT64_OFFSETS variant (a (batch, head) slice or a bias past 2^31 elements: rare, huge tensors) holds
+# 64-bit offset tiles, so it takes one small tile of its own per arch and kernel instead of the autotuner:
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), the largest found with no spills under Triton 3.6 and 3.9.
+_WIDE_GPU_CONFIG = {
+    90: {"fwd": (64, 32, 8, 2), "dkdv": (32, 32, 4, 2), "dq": (32, 32, 4, 2)},
+    80: {"fwd": (64, 16, 4, 2), "dkdv": (32, 32, 4, 2), "dq": (32, 32, 4, 2)},
 }
 _ARCHS = (90, 80)
 _MAX_GRID_Y = 65535
@@ -523,8 +567,13 @@ def _fwd_configs(arch: int, width: int, has_bias: bool) -> list[tuple[int, int, 
     return list(_FWD_GPU_CONFIGS[arch][(_width_class(width), has_bias)])
 
 
-def _bwd_config(arch: int, width: int, has_bias: bool) -> tuple[int, int, int, int]:
-    return _BWD_GPU_CONFIG[arch][(64 if width <= 64 else 128, has_bias)]
+def _bwd_configs(arch: int, head_dim: int, has_bias: bool) -> tuple[tuple, tuple]:
+    """(dkdv config, dq config) of the backward for this head dim on this arch."""
+    width = max(16, triton.next_power_of_2(head_dim))
+    table = _BWD_GPU_CONFIG[arch]
+    if width == 128 and head_dim < 128 and ("masked128", has_bias) in table:
+        return table[("masked128", has_bias)]
+    return table[(width, has_bias)]
 
 
 _autotuned: dict = {}
@@ -541,10 +590,14 @@ def _fwd_autotuned(arch: int, width: int, has_bias: bool):
 
 
 def _stride_mult(*tensors: torch.Tensor) -> int:
-    """The largest power of two, at most 16, dividing every stride but the last of ``tensors``."""
+    """The largest power of two, at most 16, dividing every stride but the last of ``tensors``; 1 where a
+    stride passes 2^31 - 1 (passed whole, the JIT makes it an int64 argument; a divided one could fit
+    int32 and overflow when the kernel multiplies it back)."""
     g = 16
     for t in tensors:
         for st in t.stride()[:-1]:
+            if abs(st) > _INT32_MAX:
+                return 1
             g = math.gcd(g, st)
     return g
 
@@ -553,6 +606,24 @@ def _div_strides(t: torch.Tensor, mult: int) -> tuple[int, ...]:
     """``t``'s strides with all but the last divided by ``mult`` (the kernels multiply them back)."""
     *outer, last = t.stride()
     return (*(st // mult for st in outer), last)
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def needs_int64_offsets(*tensors: torch.Tensor | None) -> bool:
+    """Whether an element offset inside one (batch, head) slice of any of ``tensors`` can pass 2^31 - 1.
+    The kernels index the query/key rows, the head dim and the bias tile with int32 offsets from a 64-bit
+    (batch, head) base; past 2^31 they must switch to int64 (``INT64_OFFSETS``), e.g. a full
+    (B, H, Sq, Skv) bias with Sq * Skv >= 2^31, or a qkv view whose row stride times S does. (Batch and
+    head strides are multiplied by an int64 index; :func:`_stride_mult` keeps those past 2^31 whole.)"""
+    for t in tensors:
+        if t is None or t.numel() == 0:
+            continue
+        inner = sum((size - 1) * abs(st) for size, st in zip(t.shape[2:], t.stride()[2:], strict=True))
+        if inner > _INT32_MAX:
+            return True
+    return False
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -613,13 +684,17 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     has_bias = bias is not None
     bias_arg = bias if has_bias else q
     bias_strides = bias.stride() if has_bias else (0, 0, 0, 0)
-    mult = _stride_mult(q, k, v, out)
+    wide = needs_int64_offsets(q, k, v, out, bias)
+    mult = 1 if wide else _stride_mult(q, k, v, out)  # strides past 2^31 stay whole (int64 arguments)
     args = (q, k, v, bias_arg, out, lse, scale * LOG2E, *_div_strides(q, mult), *_div_strides(k, mult),
             *_div_strides(v, mult), *bias_strides, *_div_strides(out, mult), h, sq, skv)
     consts = dict(HEAD_DIM=d, BLOCK_D0=d0, BLOCK_D1=d1, HAS_BIAS=has_bias,
-                  DOT_PRECISION=_dot_precision(q.dtype), STRIDE_MULT=mult)
+                  DOT_PRECISION=_dot_precision(q.dtype), STRIDE_MULT=mult,
+                  INT64_OFFSETS=wide)
     if config is None and (_INTERPRET or not q.is_cuda):
         config = _INTERPRET_CONFIG
+    elif config is None and wide:
+        config = _WIDE_GPU_CONFIG[_arch(q.device)]["fwd"]
     if config is not None:
         bm, bn, warps, stages = config
         grid = (triton.cdiv(sq, bm), b * h)
@@ -664,22 +739,30 @@ def attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     delta = (out.float() * grad.float()).sum(-1).contiguous()  # (B, H, Sq)
     width = max(16, triton.next_power_of_2(d))
     has_bias = bias is not None
-    if config is None:
-        on_gpu = q.is_cuda and not _INTERPRET
-        config = _bwd_config(_arch(q.device), width, has_bias) if on_gpu else _INTERPRET_CONFIG
-    bm, bn, warps, stages = config
+    wide = needs_int64_offsets(q, k, v, grad, dq, dk, bias)
+    if config is not None:
+        dkdv_config = dq_config = config
+    elif not q.is_cuda or _INTERPRET:
+        dkdv_config = dq_config = _INTERPRET_CONFIG
+    elif wide:
+        dkdv_config, dq_config = _WIDE_GPU_CONFIG[_arch(q.device)]["dkdv"], _WIDE_GPU_CONFIG[_arch(q.device)]["dq"]
+    else:
+        dkdv_config, dq_config = _bwd_configs(_arch(q.device), d, has_bias)
     bias_arg = bias if has_bias else q
     bias_strides = bias.stride() if has_bias else (0, 0, 0, 0)
-    mult = _stride_mult(q, k, v, grad)
+    mult = 1 if wide else _stride_mult(q, k, v, grad)
     common = (scale, scale * LOG2E, *_div_strides(q, mult), *_div_strides(k, mult), *_div_strides(v, mult),
               *bias_strides, *_div_strides(grad, mult), h, sq, skv)
-    consts = dict(HEAD_DIM=d, BLOCK_D=width, BLOCK_M=bm, BLOCK_N=bn, HAS_BIAS=has_bias,
-                  DOT_PRECISION=_dot_precision(q.dtype), STRIDE_MULT=mult,
-                  num_warps=warps, num_stages=stages)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(skv, bn), b * h)](q, k, v, bias_arg, grad, lse, delta, dk, dv,
-                                                          *common, **consts)
-    _attn_bwd_dq_kernel[(triton.cdiv(sq, bm), b * h)](q, k, v, bias_arg, grad, lse, delta, dq,
-                                                      *common, **consts)
+    consts = dict(HEAD_DIM=d, BLOCK_D=width, HAS_BIAS=has_bias, DOT_PRECISION=_dot_precision(q.dtype),
+                  STRIDE_MULT=mult, INT64_OFFSETS=wide)
+    bm, bn, warps, stages = dkdv_config
+    _attn_bwd_dkdv_kernel[(triton.cdiv(skv, bn), b * h)](q, k, v, bias_arg, grad, lse, delta, dk, dv, *common,
+                                                          **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                                                          num_stages=stages)
+    bm, bn, warps, stages = dq_config
+    _attn_bwd_dq_kernel[(triton.cdiv(sq, bm), b * h)](q, k, v, bias_arg, grad, lse, delta, dq, *common,
+                                                      **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                                                      num_stages=stages)
     return dq, dk, dv
 
 
@@ -689,6 +772,7 @@ def attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
 
 # Head-dim classes the build check compiles: every tiling the launcher can pick.
 _BUILD_HEAD_DIMS = (16, 32, 40, 64, 72, 80, 96, 128)
+_BUILD_WIDE_HEAD_DIMS = (64, 72, 128)  # the INT64_OFFSETS variant: one per tiling kind
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -697,9 +781,10 @@ _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 _UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod", "stride_bias_n")
 
 
-def _signature(fn, ptr_dtypes: dict, consts: dict) -> tuple[dict, dict, dict]:
+def _signature(fn, ptr_dtypes: dict, consts: dict, stride_type: str = "i32") -> tuple[dict, dict, dict]:
     """(signature, constexprs, attrs) for ``fn`` as Triton's JIT builds them for a typical launch:
-    pointers 16-byte aligned, unit strides as constants, other ints i32, scales fp32."""
+    pointers 16-byte aligned, unit strides as constants, other strides ``stride_type`` (i64 where a
+    stride passes 2^31), other ints i32, scales fp32."""
     sig, consts, attrs = {}, dict(consts), {}
     for i, name in enumerate(fn.arg_names):
         if name in _UNIT_STRIDES:
@@ -712,12 +797,12 @@ def _signature(fn, ptr_dtypes: dict, consts: dict) -> tuple[dict, dict, dict]:
         elif name in ("qk_scale", "sm_scale"):
             sig[name] = "fp32"
         else:
-            sig[name] = "i32"
+            sig[name] = stride_type if name.startswith("stride_") else "i32"
     return sig, consts, attrs
 
 
-def _entry(fn, ptrs: dict, consts: dict) -> dict:
-    sig, consts, attrs = _signature(fn, ptrs, consts)
+def _entry(fn, ptrs: dict, consts: dict, stride_type: str = "i32") -> dict:
+    sig, consts, attrs = _signature(fn, ptrs, consts, stride_type)
     return dict(signature=sig, constexprs=consts, attrs=attrs)
 
 
@@ -729,35 +814,47 @@ def build_configs() -> list[dict]:
     the unit strides are in ``constexprs``, as the JIT specialises them; ``archs``: the compute
     capabilities the entry is launched on, since sm_90 and sm_80 have their own config tables).
     Covers fp16 and bf16 at each head-dim class (the tilings the launcher picks), every autotune
-    config of the forward, with and without a bias, and the backward kernels.
+    config of the forward, with and without a bias, and the backward kernels; and the int64-offset
+    variant (``INT64_OFFSETS``, whole int64 strides, its own small tile) of each kernel at a few head dims.
     """
     entries = []
 
-    def add(name, arch, fn, ptrs, consts, warps, stages):
-        bm, bn = consts["BLOCK_M"], consts["BLOCK_N"]
-        entries.append(dict(name=f"{name}_m{bm}n{bn}w{warps}s{stages}", fn=fn, **_entry(fn, ptrs, consts),
-                            num_warps=warps, num_stages=stages, archs=(arch,)))
+    def add(name, arch, fn, ptrs, consts, config, stride_type="i32"):
+        bm, bn, warps, stages = config
+        consts = dict(consts, BLOCK_M=bm, BLOCK_N=bn)
+        entries.append(dict(name=f"{name}_m{bm}n{bn}w{warps}s{stages}", fn=fn,
+                            **_entry(fn, ptrs, consts, stride_type), num_warps=warps, num_stages=stages,
+                            archs=(arch,)))
+
+    def family(arch, dtype, d, has_bias, wide):
+        t = _TL_DTYPE[dtype]
+        d0, d1 = tile_widths(d)
+        common = dict(HEAD_DIM=d, DOT_PRECISION=_dot_precision(dtype), HAS_BIAS=has_bias,
+                      STRIDE_MULT=1 if wide else math.gcd(16, d), INT64_OFFSETS=wide)
+        tag = f"sm{arch}_{t}_d{d}" + ("_bias" if has_bias else "") + ("_i64" if wide else "")
+        stride_type = "i64" if wide else "i32"
+        fwd_configs = [_WIDE_GPU_CONFIG[arch]["fwd"]] if wide else _fwd_configs(arch, d0 + d1, has_bias)
+        for config in fwd_configs:
+            add(f"attn_fwd_{tag}_{d0}+{d1}", arch, _attn_fwd_kernel,
+                dict(Q=t, K=t, V=t, Bias=t, Out=t, Lse="fp32"), dict(common, BLOCK_D0=d0, BLOCK_D1=d1),
+                config, stride_type)
+        if wide:
+            dkdv_config, dq_config = _WIDE_GPU_CONFIG[arch]["dkdv"], _WIDE_GPU_CONFIG[arch]["dq"]
+        else:
+            dkdv_config, dq_config = _bwd_configs(arch, d, has_bias)
+        consts = dict(common, BLOCK_D=max(16, triton.next_power_of_2(d)))
+        grads = dict(Q=t, K=t, V=t, Bias=t, DO=t, Lse="fp32", Delta="fp32")
+        add(f"attn_bwd_dkdv_{tag}", arch, _attn_bwd_dkdv_kernel, dict(grads, DK=t, DV=t), consts, dkdv_config,
+            stride_type)
+        add(f"attn_bwd_dq_{tag}", arch, _attn_bwd_dq_kernel, dict(grads, DQ=t), consts, dq_config, stride_type)
 
     for arch in _ARCHS:
         for dtype in _GPU_DTYPES:
-            t = _TL_DTYPE[dtype]
             for d in _BUILD_HEAD_DIMS:
-                d0, d1 = tile_widths(d)
-                common = dict(HEAD_DIM=d, DOT_PRECISION=_dot_precision(dtype), STRIDE_MULT=math.gcd(16, d))
                 for has_bias in (False, True):
-                    tag = f"sm{arch}_{t}_d{d}" + ("_bias" if has_bias else "")
-                    for bm, bn, warps, stages in _fwd_configs(arch, d0 + d1, has_bias):
-                        consts = dict(common, BLOCK_D0=d0, BLOCK_D1=d1, BLOCK_M=bm, BLOCK_N=bn,
-                                      HAS_BIAS=has_bias)
-                        add(f"attn_fwd_{tag}_{d0}+{d1}", arch, _attn_fwd_kernel,
-                            dict(Q=t, K=t, V=t, Bias=t, Out=t, Lse="fp32"), consts, warps, stages)
-                    width = max(16, triton.next_power_of_2(d))
-                    bm, bn, warps, stages = _bwd_config(arch, width, has_bias)
-                    consts = dict(common, BLOCK_D=width, BLOCK_M=bm, BLOCK_N=bn, HAS_BIAS=has_bias)
-                    grads = dict(Q=t, K=t, V=t, Bias=t, DO=t, Lse="fp32", Delta="fp32")
-                    add(f"attn_bwd_dkdv_{tag}", arch, _attn_bwd_dkdv_kernel, dict(grads, DK=t, DV=t), consts,
-                        warps, stages)
-                    add(f"attn_bwd_dq_{tag}", arch, _attn_bwd_dq_kernel, dict(grads, DQ=t), consts,
-                        warps, stages)
+                    family(arch, dtype, d, has_bias, wide=False)
+        for d in _BUILD_WIDE_HEAD_DIMS:
+            for has_bias in (False, True):
+                family(arch, torch.bfloat16, d, has_bias, wide=True)
     return entries
 

@@ -27,6 +27,7 @@ from torch import Tensor
 NUM_FIXED_COLUMNS = 11  # p q e f a g b0 c lv_lo lv_hi write, then one column per ring slot
 BLOCK = 1024
 NUM_WARPS = 4
+_MAX_GRID_Y = 65535  # samples are the grid's second axis
 
 
 @triton.jit
@@ -36,7 +37,7 @@ def _sampler_step_kernel(
     u_ptr,  # (N, M) unconditional output (read when HAS_UNCOND), sample stride stride_u
     v_ptr,  # (N, M) learned-range variance output (read when LEARNED_VAR), sample stride stride_v
     z_ptr,  # (N, M) noise (read when HAS_NOISE), sample stride stride_z
-    hist_ptr,  # (S, N, M) history ring, contiguous
+    hist_ptr,  # (S, N, M) history ring, contiguous (slot offsets s * N * M in int64)
     table_ptr,  # (R, NCOL) coefficients, contiguous, float64 or float32
     rows_ptr,  # (N,) int32/int64 row per sample, stride stride_rows (0: one row for all)
     clip_ptr,  # (N, 2) per-sample (bound, scale) (read when CLIP), sample stride stride_clip
@@ -92,10 +93,12 @@ def _sampler_step_kernel(
     acc = a * x + g * m + b0 * h
 
     hist_row = hist_ptr + n * M + offs
+    # N * M fits int32 when the launcher passes it as i32, but s * N * M (slot s > 0) need not: int64.
+    slot_stride = hist_slot_stride.to(tl.int64)
     for s in tl.static_range(NUM_SLOTS):
         b = tl.load(tbl + 11 + s).to(tl.float32)
         if b != 0.0:
-            hv = tl.load(hist_row + s * hist_slot_stride, mask=mask, other=0.0).to(tl.float32)
+            hv = tl.load(hist_row + s * slot_stride, mask=mask, other=0.0).to(tl.float32)
             acc += b * hv
 
     if HAS_NOISE:
@@ -110,7 +113,7 @@ def _sampler_step_kernel(
 
     tl.store(out_ptr + n * M + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     if write >= 0:
-        tl.store(hist_row + write.to(tl.int64) * hist_slot_stride, h.to(hist_ptr.dtype.element_ty), mask=mask)
+        tl.store(hist_row + write.to(tl.int64) * slot_stride, h.to(hist_ptr.dtype.element_ty), mask=mask)
 
 
 def _inner_contiguous(t: Tensor) -> bool:
@@ -146,6 +149,9 @@ def sampler_step_forward(x: Tensor, model_out: Tensor, history: Tensor, table: T
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if n == 0 or m_el == 0:
         return out
+    if m_el >= 2**31 or n > _MAX_GRID_Y:
+        raise ValueError(f"the sampler_step kernel takes at most {_MAX_GRID_Y} samples of fewer than 2^31 "
+                         f"elements each; x has {n} samples of {m_el}")
     xc, sx = _per_sample(x, x)
     mc, sm = _per_sample(model_out, x)
     uc, su = _per_sample(uncond, x)
