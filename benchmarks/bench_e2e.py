@@ -46,6 +46,8 @@ from common import (  # noqa: E402
     synchronize,
 )
 
+# --tiny (the suite's dry run): the same architecture at a quarter of the width and one block per level
+TINY = dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1)
 H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA H100 SXM datasheet, dense (no sparsity); the H200 has the same core
 ROW_GROUPS = ("fastdiff", "reference", "diffusers", "onnx")
 
@@ -74,21 +76,21 @@ def timed(fn, device, repeats: int = 1) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def ddpm_model(device):
+def ddpm_model(device, overrides: dict):
     from fastdiff.models import preset
 
     torch.manual_seed(0)
-    return preset("ddpm-cifar10").eval().to(device)
+    return preset("ddpm-cifar10", **overrides).eval().to(device)
 
 
-def diffusers_unet(ours, device, dtype=torch.float32, channels_last=False):
+def diffusers_unet(ours, device, dtype=torch.float32, channels_last=False, overrides: dict | None = None):
     """diffusers' UNet2DModel holding ``ours``' weights (SDPA attention is diffusers' default processor)."""
     from diffusers import UNet2DModel
 
     from fastdiff.models import PRESETS
 
     _, cfg = PRESETS["ddpm-cifar10"]
-    theirs = UNet2DModel(**cfg).eval()
+    theirs = UNet2DModel(**dict(cfg, **(overrides or {}))).eval()
     theirs.load_state_dict(ours.state_dict(), strict=True)
     theirs = theirs.to(device, dtype)
     return theirs.to(memory_format=torch.channels_last) if channels_last else theirs
@@ -129,6 +131,7 @@ def ddpm_variants(args, device, ours, batch: int, rec: RowWriter) -> dict:
     """name -> (maker of the sampling call, row fields). Makers run lazily, after the model is reset."""
     steps, gpu = args.steps, device.type == "cuda"
     options = compile_options(args)
+    over = TINY if args.tiny else {}
     v = {}
     if "fastdiff" in args.rows:
         v["fastdiff"] = (lambda: fastdiff_loop(ours, steps, batch, device), {"cuda_graph": gpu})
@@ -162,17 +165,17 @@ def ddpm_variants(args, device, ours, batch: int, rec: RowWriter) -> dict:
             from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
             fp32 = {"dtype": "float32"}
-            v["diffusers-ddim"] = (lambda: diffusers_loop(diffusers_unet(ours, device), DDIMScheduler, steps, batch,
-                                                          device), fp32)
-            v["diffusers-dpmsolver"] = (lambda: diffusers_loop(diffusers_unet(ours, device),
+            v["diffusers-ddim"] = (lambda: diffusers_loop(diffusers_unet(ours, device, overrides=over), DDIMScheduler,
+                                                          steps, batch, device), fp32)
+            v["diffusers-dpmsolver"] = (lambda: diffusers_loop(diffusers_unet(ours, device, overrides=over),
                                                                DPMSolverMultistepScheduler, steps, batch, device), fp32)
             bf16 = {"dtype": "bfloat16", "channels_last": True}
             v["diffusers-ddim-bf16-cl"] = (lambda: diffusers_loop(
-                diffusers_unet(ours, device, torch.bfloat16, True), DDIMScheduler, steps, batch, device,
+                diffusers_unet(ours, device, torch.bfloat16, True, over), DDIMScheduler, steps, batch, device,
                 torch.bfloat16, True), bf16)
             if args.compile:
                 v["diffusers-ddim-bf16-cl-compiled"] = (lambda: diffusers_loop(
-                    torch.compile(diffusers_unet(ours, device, torch.bfloat16, True), **options), DDIMScheduler,
+                    torch.compile(diffusers_unet(ours, device, torch.bfloat16, True, over), **options), DDIMScheduler,
                     steps, batch, device, torch.bfloat16, True), dict(bf16, compile=str(options)))
     if "onnx" in args.rows:
         missing = ort_cuda_reason() if gpu else have_module("onnxruntime")
@@ -185,7 +188,8 @@ def ddpm_variants(args, device, ours, batch: int, rec: RowWriter) -> dict:
 
 
 def bench_ddpm(args, device, rec: RowWriter) -> None:
-    ours = ddpm_model(device)
+    ours = ddpm_model(device, TINY if args.tiny else {})
+    model_name = "ddpm-cifar10-tiny" if args.tiny else "ddpm-cifar10"
     peak = peak_tflops(device)
     for batch in args.batches:
         flops = ours.flops(batch) if device.type == "cuda" else None
@@ -200,9 +204,9 @@ def bench_ddpm(args, device, rec: RowWriter) -> None:
                 sec = timed(run, device, args.repeats)
             except Exception as e:  # one variant failing is reported; the others still run
                 rec.skip(f"{name} (batch {batch})", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}",
-                         model="ddpm-cifar10", batch=batch, failed=True)
+                         model=model_name, batch=batch, failed=True)
                 continue
-            row = dict(model="ddpm-cifar10", variant=name, batch=batch, steps=args.steps, seconds=round(sec, 5),
+            row = dict(model=model_name, variant=name, batch=batch, steps=args.steps, seconds=round(sec, 5),
                        images_per_s=batch / sec, ms_per_step=sec / args.steps * 1e3, **fields)
             if flops:
                 row["tflops"] = flops * args.steps / sec / 1e12
@@ -351,6 +355,7 @@ def main(argv=None) -> int:
                    help="ddpm: DDPM-CIFAR10 (default); dit: DiT-XL/2 256 (GPU)")
     p.add_argument("--dit", action="store_true", help="add DiT-XL/2 256 (GPU): --models ddpm dit")
     p.add_argument("--dit-small", action="store_true", help="with --dit: a 2-block DiT at 8x8 latents (CPU plumbing)")
+    p.add_argument("--tiny", action="store_true", help="DDPM-CIFAR10 at a quarter of the width (CPU plumbing)")
     p.add_argument("--only", nargs="+", default=None, help="run only these variants")
     p.add_argument("--threads", type=int, default=None)
     add_compile_args(p)

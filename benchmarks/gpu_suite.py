@@ -31,7 +31,7 @@ KERNEL_TESTS = ["tests/test_lowprecision.py", "tests/test_cuda.py", "tests/test_
                 "tests/test_sampler_step.py", "tests/test_attention.py"]
 OUT_FILES = ("preflight.json", "results.jsonl", "summary.json", "suite.log", "pytest.xml")
 E2E = ["benchmarks/bench_e2e.py", "--batches", "8", "64", "--steps", "20", "--repeats", "3"]
-E2E_DRY = ["--batches", "2", "--steps", "2", "--repeats", "1"]  # appended in the dry run (argparse: last wins)
+E2E_DRY = ["--batches", "2", "--steps", "2", "--repeats", "1", "--tiny"]  # appended in the dry run (last wins)
 
 
 @dataclass
@@ -47,13 +47,15 @@ class Step:
 
 STEPS = [
     # --- the core suite: 300 s of limits -------------------------------------------------------------
-    Step("preflight", 45, [PY, "benchmarks/preflight.py", "--out", "{out}/preflight.json"], core=True),
-    Step("kernel_tests", 110, [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--junitxml={out}/pytest.xml",
+    Step("preflight", 40, [PY, "benchmarks/preflight.py", "--out", "{out}/preflight.json"], core=True),
+    # -v: each test's result reaches suite.log as it finishes (a step killed at its limit writes no pytest.xml)
+    Step("kernel_tests", 100, [PY, "-m", "pytest", "-v", "-p", "no:cacheprovider", "--junitxml={out}/pytest.xml",
                                *KERNEL_TESTS], core=True),
     Step("bench_norm", 20, [PY, "benchmarks/bench_modulated_norm.py", "--quick"], core=True),
     Step("bench_attention", 50, [PY, "benchmarks/bench_attention.py", "--quick"], core=True),
     Step("bench_sampler_step", 20, [PY, "benchmarks/bench_sampler_step.py", "--quick"], core=True),
-    Step("e2e", 55, [PY, *E2E, "--rows", "fastdiff"], core=True, dry=E2E_DRY),
+    Step("e2e", 70, [PY, *E2E, "--rows", "fastdiff", "--only", "fastdiff", "fastdiff-nograph"], core=True,
+         dry=E2E_DRY),  # the CUDA graph on and off; the float32 row is in e2e_diffusers
     # --- heavier steps, by name (--only): full shapes, torch.compile baselines, diffusers and ONNX rows ---
     Step("bench_norm_full", 240, [PY, "benchmarks/bench_modulated_norm.py", "--compile", "{full}"],
          dry=["--compile-backend", "eager"]),
@@ -67,9 +69,9 @@ STEPS = [
     Step("e2e_dit", 300, [PY, "benchmarks/bench_e2e.py", "--models", "dit", "--steps", "20", "--repeats", "3",
                           "--rows", "fastdiff", "diffusers", "{full}"], needs=("diffusers",),
          dry=["--steps", "2", "--repeats", "1", "--dit-small", "--compile-backend", "eager"]),
+    # its diffusers row (ddpm-cifar10) runs where diffusers imports; the dry run samples the digits model
     Step("bench_onnx", 240, [PY, "benchmarks/bench_onnx.py", "--models", "ddpm-cifar10", "--steps", "20"],
-         needs=("diffusers", "onnxruntime"), dry=["--models", "digits", "--steps", "2", "--repeats", "1",
-                                                  "--batch", "2"]),
+         needs=("onnxruntime",), dry=["--models", "digits", "--steps", "2", "--repeats", "1", "--batch", "2"]),
 ]
 DRY_LIMIT_S = 150  # a CPU step of the dry run (tiny shapes); the whole dry run is meant to take <= 3 minutes
 
@@ -147,9 +149,12 @@ class Suite:
         if self.args.dry_run:
             argv += step.dry
             if step.name == "kernel_tests":  # CI's pytest runs these tests; the dry run checks they collect
-                argv = [a for a in argv if not a.startswith("--junitxml")] + ["--collect-only"]
-        elif step.name == "kernel_tests" and self.args.xdist:
-            argv += ["-n", str(self.args.xdist)]
+                argv = [a for a in argv if not a.startswith("--junitxml") and a != "-v"] + ["-q", "--collect-only"]
+        elif step.name == "kernel_tests":
+            if self.args.xdist:  # the Triton compiles, CPU work, spread over processes
+                argv += ["-n", str(self.args.xdist)]
+            if self.args.test_timeout:  # one hung test does not take the step's whole limit
+                argv += [f"--timeout={self.args.test_timeout}"]
         env = dict(self.env, **(env_extra or {}))
         env[STEP_ENV] = name
         self.log(f"=== {name} (limit {limit} s): {' '.join(argv)}")
@@ -274,7 +279,7 @@ def main(argv=None) -> int:
         return 2
     env = dict(os.environ, PYTHONUNBUFFERED="1", **{RESULTS_ENV: str(out / "results.jsonl")})
     env.pop("FASTDIFF_BACKEND", None)
-    args.gpu = False
+    args.gpu, args.test_timeout = False, 0
     if args.dry_run:
         env.update(TRITON_INTERPRET="1", FASTDIFF_DRY_RUN="1", CUDA_VISIBLE_DEVICES="")
     else:
@@ -282,12 +287,14 @@ def main(argv=None) -> int:
         import torch
 
         args.gpu = torch.cuda.is_available()
-        if args.xdist is None and args.gpu:
-            import importlib.util
+        import importlib.util
 
+        if args.xdist is None and args.gpu:
             args.xdist = 8 if importlib.util.find_spec("xdist") else 0
+        args.test_timeout = 60 if importlib.util.find_spec("pytest_timeout") else 0
     suite = Suite(out, args, env)
-    selected = [s for s in STEPS if (s.name in args.only if args.only else (args.all or s.core))]
+    # the dry run checks every step's plumbing; a GPU run takes the core steps unless told otherwise
+    selected = [s for s in STEPS if (s.name in args.only if args.only else (args.all or args.dry_run or s.core))]
     again = [s for s in selected if "diffusers" in s.needs] if args.dry_run else []
     suite.plan(["wheels"] + [s.name for s in selected] + [f"{s.name}+diffusers" for s in again])
     install_wheels(suite, env)
@@ -308,6 +315,8 @@ def main(argv=None) -> int:
     suite.write_summary()
     suite.log(f"gpu_suite: {'FAILED: ' + ', '.join(bad) if bad else 'ok'} in {suite.summary['seconds']} s "
               f"({sum(e.get('rows', 0) for e in suite.summary['steps'])} rows in {suite.results})")
+    counts = {k: sum(e["status"] == k for e in suite.summary["steps"]) for k in ("ok", "skipped")}
+    suite.log(f"gpu_suite: {counts['ok']} passed, {len(bad)} failed, {counts['skipped']} skipped")  # steps
     return 1 if bad else 0
 
 

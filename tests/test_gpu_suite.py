@@ -49,7 +49,8 @@ def test_row_writer_appends_each_row_at_once(tmp_path, monkeypatch):
 
 
 def _suite(tmp_path, **kw):
-    args = types.SimpleNamespace(**dict(dict(dry_run=False, full=False, budget=None, gpu=False, xdist=0), **kw))
+    args = types.SimpleNamespace(**dict(dict(dry_run=False, full=False, budget=None, gpu=False, xdist=0,
+                                             test_timeout=0), **kw))
     out = tmp_path / "out"
     out.mkdir()
     env = dict(os.environ, **{common.RESULTS_ENV: str(out / "results.jsonl")}, PYTHONPATH=str(BENCH))

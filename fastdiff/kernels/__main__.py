@@ -124,7 +124,9 @@ def main(argv=None) -> int:
         failures += bad
         print(f"{name:<52} {arch:>4} {r['registers']:>5} {r['spill_bytes']:>6} {r['shared_bytes']:>7} "
               f"{'yes' if r['wgmma'] else '-':>5} {seconds:>5.1f}" + ("  SPILL" if bad else ""))
-    print(f"{len(results)} builds, {failures} failed")
+    import triton
+
+    print(f"{len(results)} builds, {failures} failed (triton {triton.__version__})")
     return 1 if failures else 0
 
 

@@ -544,10 +544,15 @@ _BWD_GPU_CONFIG = {
 # The INT64_OFFSETS variant (a (batch, head) slice or a bias past 2^31 elements: rare, huge tensors) holds
 # 64-bit offset tiles, so it takes one small tile of its own per arch and kernel instead of the autotuner:
 # (BLOCK_M, BLOCK_N, num_warps, num_stages), the largest found with no spills under Triton 3.6 and 3.9.
+# The forward's by tile width: up to 96, and 128.
 _WIDE_GPU_CONFIG = {
-    90: {"fwd": (64, 32, 8, 2), "dkdv": (32, 32, 4, 2), "dq": (32, 32, 4, 2)},
-    80: {"fwd": (64, 16, 4, 2), "dkdv": (32, 32, 4, 2), "dq": (32, 32, 4, 2)},
+    90: {"fwd": (64, 32, 8, 2), "fwd128": (64, 32, 4, 2), "dkdv": (32, 32, 4, 2), "dq": (32, 32, 4, 2)},
+    80: {"fwd": (64, 16, 4, 2), "fwd128": (32, 16, 4, 2), "dkdv": (32, 32, 4, 2), "dq": (32, 32, 4, 2)},
 }
+
+
+def _wide_fwd_config(arch: int, width: int) -> tuple[int, int, int, int]:
+    return _WIDE_GPU_CONFIG[arch]["fwd128" if width > 96 else "fwd"]
 _ARCHS = (90, 80)
 _MAX_GRID_Y = 65535
 # Under the interpreter bigger tiles mean fewer (slow, Python-level) program instances.
@@ -694,7 +699,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     if config is None and (_INTERPRET or not q.is_cuda):
         config = _INTERPRET_CONFIG
     elif config is None and wide:
-        config = _WIDE_GPU_CONFIG[_arch(q.device)]["fwd"]
+        config = _wide_fwd_config(_arch(q.device), d0 + d1)
     if config is not None:
         bm, bn, warps, stages = config
         grid = (triton.cdiv(sq, bm), b * h)
@@ -833,7 +838,7 @@ def build_configs() -> list[dict]:
                       STRIDE_MULT=1 if wide else math.gcd(16, d), INT64_OFFSETS=wide)
         tag = f"sm{arch}_{t}_d{d}" + ("_bias" if has_bias else "") + ("_i64" if wide else "")
         stride_type = "i64" if wide else "i32"
-        fwd_configs = [_WIDE_GPU_CONFIG[arch]["fwd"]] if wide else _fwd_configs(arch, d0 + d1, has_bias)
+        fwd_configs = [_wide_fwd_config(arch, d0 + d1)] if wide else _fwd_configs(arch, d0 + d1, has_bias)
         for config in fwd_configs:
             add(f"attn_fwd_{tag}_{d0}+{d1}", arch, _attn_fwd_kernel,
                 dict(Q=t, K=t, V=t, Bias=t, Out=t, Lse="fp32"), dict(common, BLOCK_D0=d0, BLOCK_D1=d1),
