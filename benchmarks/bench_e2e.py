@@ -298,6 +298,8 @@ def bench_dit(args, device, rec: RowWriter) -> None:
         row = dict(model=model_name, variant=name, batch=batch, steps=steps, guidance=w, seconds=round(sec, 5),
                    images_per_s=batch / sec, ms_per_step=sec / steps * 1e3, tflops=tflops,
                    cuda_graph=gpu and name in ("fastdiff", "fastdiff-compiled"))
+        if name.startswith("diffusers"):
+            row["dtype"] = "bfloat16"
         if peak:
             row["mfu"] = tflops / peak
         rec.row(**row)

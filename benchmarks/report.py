@@ -1,6 +1,6 @@
 """Turn a suite's results.jsonl into the committed result files and the README's tables.
 
-    python benchmarks/report.py OUT_DIR/results.jsonl                 # print the tables (markdown)
+    python benchmarks/report.py OUT_DIR/results.jsonl [MORE.jsonl ...] # print the tables (markdown)
     python benchmarks/report.py OUT_DIR/results.jsonl --write         # + benchmarks/results/{bench}-{device}.json
     python benchmarks/report.py OUT_DIR/results.jsonl --readme README.md   # + the tables into README.md
 
@@ -221,12 +221,17 @@ def replace_in_readme(path: Path, text: str) -> bool:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("jsonl", help="a suite's results.jsonl")
+    p.add_argument("jsonl", nargs="+", help="a suite's results.jsonl (several: e.g. a core run and a rerun with "
+                   "--only, read in order)")
     p.add_argument("--write", action="store_true", help="write benchmarks/results/{bench}-{device}.json")
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="where --write writes (default: %(default)s)")
     p.add_argument("--readme", default=None, help="put the tables between the gpu-results markers of this file")
     args = p.parse_args(argv)
-    records, torn = read_jsonl(args.jsonl)
+    records, torn = [], 0
+    for path in args.jsonl:
+        more, bad = read_jsonl(path)
+        records += more
+        torn += bad
     if torn:
         print(f"({torn} line(s) did not parse: torn by a killed step; skipped)", file=sys.stderr)
     text = tables(records)

@@ -385,6 +385,9 @@ def test_build_configs_cover_every_tiling():
                     assert any(n.startswith(f"attn_fwd_{tag}") for n in names), tag
                     assert any(n.startswith(f"attn_bwd_dkdv_{tag}") for n in names), tag
                     assert any(n.startswith(f"attn_bwd_dq_{tag}") for n in names), tag
+    for arch in (90, 80):  # the int64-offset variant, launched with its own tiles, is built too
+        for kernel in ("fwd", "bwd_dkdv", "bwd_dq"):
+            assert any(n.startswith(f"attn_{kernel}_sm{arch}_") and "_i64" in n for n in names), (arch, kernel)
     assert len(set(names)) == len(names)
     for c in configs:
         assert set(c["signature"]) == set(c["fn"].arg_names)
