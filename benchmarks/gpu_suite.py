@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +33,7 @@ KERNEL_TESTS = ["tests/test_lowprecision.py", "tests/test_cuda.py", "tests/test_
                 "tests/test_sampler_step.py", "tests/test_attention.py"]
 OUT_FILES = ("preflight.json", "results.jsonl", "summary.json", "suite.log", "pytest.xml")
 E2E = ["benchmarks/bench_e2e.py", "--batches", "8", "64", "--steps", "20", "--repeats", "3"]
-E2E_DRY = ["--batches", "2", "--steps", "2", "--repeats", "1", "--tiny"]  # appended in the dry run (last wins)
+E2E_DRY = ["--batches", "2", "--steps", "1", "--repeats", "1", "--tiny"]  # appended in the dry run (last wins)
 
 
 @dataclass
@@ -65,7 +67,8 @@ STEPS = [
     Step("e2e_diffusers", 240, [PY, *E2E, "--rows", "fastdiff", "reference", "diffusers"], needs=("diffusers",),
          dry=E2E_DRY),
     Step("e2e_compile", 400, [PY, *E2E, "--rows", "fastdiff", "diffusers", "--compile", "{full}"],
-         needs=("diffusers",), dry=[*E2E_DRY, "--compile-backend", "eager"]),
+         needs=("diffusers",), dry=[*E2E_DRY, "--compile-backend", "eager", "--only", "fastdiff-compiled",
+                                    "diffusers-ddim-bf16-cl-compiled"]),
     Step("e2e_dit", 300, [PY, "benchmarks/bench_e2e.py", "--models", "dit", "--steps", "20", "--repeats", "3",
                           "--rows", "fastdiff", "diffusers", "{full}"], needs=("diffusers",),
          dry=["--steps", "2", "--repeats", "1", "--dit-small", "--compile-backend", "eager"]),
@@ -109,6 +112,7 @@ class Suite:
                         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         "argv": sys.argv[1:], "steps": []}
         self.t0 = time.monotonic()
+        self.temp_dirs: list = []  # removed when the suite ends
 
     def log(self, text: str) -> None:
         print(text, flush=True)
@@ -198,8 +202,9 @@ WHEELS = ROOT / ".fastdiff-wheels"  # benchmarks/gpu_wheels.sh fills it on a mac
 
 def install_wheels(suite: Suite, env: dict) -> None:
     """pip install --no-index --no-deps --target the carried wheels (diffusers for the GPU image) into a
-    folder outside OUT_DIR and append it to PYTHONPATH (after the checkout: nothing the image has is
-    shadowed). A pseudo-step "wheels" in summary.json says what happened."""
+    folder outside OUT_DIR and append it to PYTHONPATH, after the checkout (gpu_wheels.sh carries only what
+    the image lacks, so nothing of the image is shadowed). A pseudo-step "wheels" in summary.json says what
+    happened."""
     wheels = sorted(WHEELS.glob("*.whl"))
     if suite.args.dry_run:
         suite.add("wheels", "skipped", reason="dry run: the second phase takes diffusers from this environment")
@@ -215,16 +220,17 @@ def install_wheels(suite: Suite, env: dict) -> None:
     start = time.monotonic()
     with open(suite.log_path, "a") as log:
         rc = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=120)
+    suite.temp_dirs.append(site)
     if rc == 0:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(site)]))
     suite.add("wheels", "ok" if rc == 0 else "failed", returncode=rc, seconds=round(time.monotonic() - start, 1),
               wheels=[w.name for w in wheels], target=str(site))
 
 
-def _blocker_dir(out: Path) -> Path:
-    """A folder whose sitecustomize hides the named modules from every Python started with it on
-    PYTHONPATH (the dry run's stand-in for the GPU image, which has no diffusers). Outside OUT_DIR."""
-    folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"fastdiff-suite-blocker-{os.getpid()}"
+def _blocker_dir(parent: Path) -> Path:
+    """A folder in ``parent`` whose sitecustomize hides the named modules from every Python started with it
+    on PYTHONPATH (the dry run's stand-in for the GPU image, which has no diffusers)."""
+    folder = parent / "import-blocker"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sitecustomize.py").write_text(_BLOCKER)
     return folder
@@ -252,7 +258,8 @@ for _d in sys.path:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="fastdiff's GPU suite (see benchmarks/gpu_suite.sh)")
     p.add_argument("out", help="output folder (at most 7 files are written there)")
-    p.add_argument("--only", nargs="+", default=None, metavar="STEP", help="run these steps (core or heavier)")
+    p.add_argument("--only", nargs="+", default=None, metavar="STEP",
+                   help="run these steps (core or heavier), in this order")
     p.add_argument("--all", action="store_true", help="every step, core and heavier (more than one 10-minute call)")
     p.add_argument("--full", action="store_true", help="heavier steps at full size; torch.compile max-autotune")
     p.add_argument("--dry-run", action="store_true", help="the same plumbing on the CPU at tiny sizes")
@@ -293,8 +300,11 @@ def main(argv=None) -> int:
             args.xdist = 8 if importlib.util.find_spec("xdist") else 0
         args.test_timeout = 60 if importlib.util.find_spec("pytest_timeout") else 0
     suite = Suite(out, args, env)
-    # the dry run checks every step's plumbing; a GPU run takes the core steps unless told otherwise
-    selected = [s for s in STEPS if (s.name in args.only if args.only else (args.all or args.dry_run or s.core))]
+    # --only: those steps in the order given (the first get the --budget first); else the dry run checks every
+    # step's plumbing and a GPU run takes the core steps (--all: every step)
+    by_name = {s.name: s for s in STEPS}
+    selected = [by_name[n] for n in dict.fromkeys(args.only)] if args.only else \
+        [s for s in STEPS if args.all or args.dry_run or s.core]
     again = [s for s in selected if "diffusers" in s.needs] if args.dry_run else []
     suite.plan(["wheels"] + [s.name for s in selected] + [f"{s.name}+diffusers" for s in again])
     install_wheels(suite, env)
@@ -303,13 +313,19 @@ def main(argv=None) -> int:
         suite.log("gpu_suite: no CUDA device here: the steps run on the CPU (use --dry-run for the CPU plumbing)")
     hide_env = {}
     if args.dry_run:  # phase 1: as the GPU machine would, diffusers hidden
-        blocker = _blocker_dir(out)
+        scratch = Path(tempfile.mkdtemp(prefix="fastdiff-suite-"))  # outside OUT_DIR
+        suite.temp_dirs.append(scratch)
+        blocker = _blocker_dir(scratch)
         hide_env = {"FASTDIFF_HIDE_MODULES": "diffusers",
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(blocker), env.get("PYTHONPATH")]))}
-    for step in selected:
-        suite.run(step, step.name, hide_env)
-    for step in again:  # dry run, phase 2: the steps that add rows with diffusers, with diffusers present
-        suite.run(step, f"{step.name}+diffusers")
+    try:
+        for step in selected:
+            suite.run(step, step.name, hide_env)
+        for step in again:  # dry run, phase 2: the steps that add rows with diffusers, with diffusers present
+            suite.run(step, f"{step.name}+diffusers")
+    finally:
+        for folder in suite.temp_dirs:
+            shutil.rmtree(folder, ignore_errors=True)
     bad = [e["step"] for e in suite.summary["steps"] if e["status"] in ("failed", "timeout")]
     suite.summary["status"] = "failed" if bad else "ok"
     suite.write_summary()

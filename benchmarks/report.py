@@ -57,6 +57,7 @@ def read_jsonl(path) -> tuple[list[dict], int]:
 
 
 def device_label(device: dict) -> str:
+    """'cpu' or the GPU's name with dashes, from a device record."""
     if device.get("device_type") != "cuda":
         return "cpu"
     return str(device.get("name", "gpu")).replace(" ", "-")
@@ -165,8 +166,22 @@ def device_line(records: list[dict]) -> str:
     return ", ".join(bits) + f" ({d.get('time_utc', '')})"
 
 
+def by_device(records: list[dict]) -> dict:
+    """device label -> that device's records (a rerun may land on another machine: never mix them)."""
+    devices = {r["run"]: device_label(r) for r in records if r["kind"] == "device"}
+    groups = defaultdict(list)
+    for r in records:
+        groups[devices.get(r.get("run"), "unknown")].append(r)
+    return groups
+
+
 def tables(records: list[dict]) -> str:
-    rows = [dict(r, bench=r["bench"]) for r in records if r["kind"] == "row"]
+    groups = by_device(records)
+    return "\n".join(device_tables(recs) for _, recs in sorted(groups.items()))
+
+
+def device_tables(records: list[dict]) -> str:
+    rows = [r for r in records if r["kind"] == "row"]
     parts = [f"Device: {device_line(records)}", ""]
     pf = preflight_table(rows)
     if pf:
@@ -183,13 +198,9 @@ def tables(records: list[dict]) -> str:
 def write_result_files(records: list[dict], folder: Path) -> list[Path]:
     """One JSON per (benchmark, device): device record, floors, rows and skips of every run in the file."""
     groups = defaultdict(list)
-    devices = {}
-    for r in records:
-        if r["kind"] == "device":
-            devices[r["run"]] = r
-    for r in records:
-        dev = devices.get(r.get("run"), {})
-        groups[(r["bench"], device_label(dev))].append(r)
+    for label, recs in by_device(records).items():
+        for r in recs:
+            groups[(r["bench"], label)].append(r)
     paths = []
     for (bench, label), recs in sorted(groups.items()):
         strip = lambda r: {k: v for k, v in r.items() if k not in ("bench", "kind")}
