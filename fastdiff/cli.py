@@ -153,7 +153,12 @@ def _decode_latents(latents: torch.Tensor, vae_path: str, batch: int = 8) -> tor
 
 
 def _init_distributed(device: str) -> bool:
-    """Join the process group torchrun describes (WORLD_SIZE > 1); True when this call created it."""
+    """Join the process group torchrun describes (WORLD_SIZE > 1); True when this call created it.
+
+    The peers must all join within ``FASTDIFF_DIST_TIMEOUT`` seconds (default 60): a rank whose peers never
+    come gets an error instead of waiting forever (collectives keep torch's own timeout)."""
+    import datetime
+
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
@@ -161,7 +166,16 @@ def _init_distributed(device: str) -> bool:
     use_nccl = device.startswith("cuda") and torch.cuda.is_available()
     if use_nccl:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend="nccl" if use_nccl else "gloo")
+    wait = float(os.environ.get("FASTDIFF_DIST_TIMEOUT", "60"))
+    try:
+        store, rank, world = next(dist.rendezvous("env://", timeout=datetime.timedelta(seconds=wait)))
+    except (RuntimeError, ValueError) as e:  # DistStoreError / DistNetworkError, or a missing MASTER_ADDR
+        raise SystemExit(f"fastdiff: error: torch.distributed: the {os.environ.get('WORLD_SIZE')} processes "
+                         f"of WORLD_SIZE did not all join within {wait:g} s (RANK={os.environ.get('RANK')}, "
+                         f"MASTER_ADDR={os.environ.get('MASTER_ADDR')}, MASTER_PORT="
+                         f"{os.environ.get('MASTER_PORT')}); start every rank (torchrun does) or unset "
+                         f"WORLD_SIZE; FASTDIFF_DIST_TIMEOUT sets the wait: {str(e).splitlines()[0]}") from None
+    dist.init_process_group(backend="nccl" if use_nccl else "gloo", store=store, rank=rank, world_size=world)
     return True
 
 

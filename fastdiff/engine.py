@@ -389,7 +389,8 @@ def _ort_keywords() -> list:
 
     own = set(_sample_keywords())
     params = inspect.signature(sample_onnxruntime).parameters.values()
-    return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in own]
+    return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+            and p.default is not p.empty and p.name not in own]
 
 
 def _check_shape(shape) -> tuple:
@@ -598,12 +599,13 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
     if sigmas is None:
         sigmas, timesteps = _sampling_sigmas(denoiser.schedule, sampler, steps, spacing)
     table = build_table(sampler, sigmas, timesteps=timesteps, **options)
+    ranks = _dist_info(distributed)
     seed_list = resolve_seeds(seeds, n)
 
     with cpu_threads_for_call(threads) if dev.type == "cpu" else contextlib.nullcontext():
         out, seed_list = _sample_torch(
             denoiser, table, shape, dev, dtype, channels_last, compile, use_graph, guidance, labels, y_null,
-            seed_list, seeds is None, batch_size, memory_budget, distributed, model_kwargs, backend, progress,
+            seed_list, seeds is None, batch_size, memory_budget, ranks, model_kwargs, backend, progress,
             callback)
     return (out, seed_list) if return_seeds else out
 
@@ -642,7 +644,7 @@ def _sample_onnxruntime(denoiser_or_model, shape, sampler, steps, guidance, y, s
 
 
 def _sample_torch(denoiser: Denoiser, table, shape, dev, dtype, channels_last, compile_mode, use_graph, guidance,
-                  labels, y_null, seed_list, fresh_seeds, batch_size, memory_budget, distributed, model_kwargs,
+                  labels, y_null, seed_list, fresh_seeds, batch_size, memory_budget, ranks, model_kwargs,
                   backend, progress, callback):
     n, sample_shape = shape[0], shape[1:]
     prep = model_cache.prepare(denoiser.model, dev, dtype, channels_last, eval=True,
@@ -657,7 +659,7 @@ def _sample_torch(denoiser: Denoiser, table, shape, dev, dtype, channels_last, c
     settings = (tuple(sample_shape), dtype, bool(channels_last), _compile_key(compile_mode) if compile_mode
                 else None, guided, labels is not None)
 
-    rank, world = _dist_info(distributed)
+    rank, world = ranks
     if world > 1 and fresh_seeds:
         seed_list = _seeds_of_rank0(seed_list, dev)
     if batch_size is None:

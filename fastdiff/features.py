@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastdiff.model_cache import run_copy
 from fastdiff.samplers import make_generators, randn_per_sample
 
 __all__ = ["FeatureExtractor", "RECIPES", "layer_names", "tokens_to_map", "load_features", "merge_index",
@@ -426,18 +427,26 @@ class FeatureExtractor:
             return tokens_to_map(h, self.model.img_size // self.model.patch_size, self.model.extras)
         return _first_tensor(h)
 
+    def _net(self) -> nn.Module:
+        """The model in eval mode: yours when it is (always so far), else a cached eval copy that shares
+        your weights (fastdiff.model_cache): extraction never changes your model's train/eval flags."""
+        return run_copy(self.model, eval=True)
+
     def forward_features(self, x_t: Tensor, t: Tensor, y: Optional[Tensor] = None) -> dict[str, Tensor]:
         """One forward on noisy inputs (rows), stopped after the deepest layer: {layer: (R, ...)} as maps.
 
         This is the exportable core: no noise, no averaging, only the model's own ops.
         """
+        return self._forward_features(self._net(), x_t, t, y)
+
+    def _forward_features(self, net: nn.Module, x_t: Tensor, t: Tensor, y: Optional[Tensor]) -> dict:
         if self.kind != "hooks":
             keep = _Collector(self.layers, self._last, self._map)
-            return dict(_WALKERS[self.kind](self.model, x_t, t, y, keep))
-        return self._forward_hooks(x_t, t, y)
+            return dict(_WALKERS[self.kind](net, x_t, t, y, keep))
+        return self._forward_hooks(net, x_t, t, y)
 
-    def _forward_hooks(self, x_t: Tensor, t: Tensor, y: Optional[Tensor]) -> dict[str, Tensor]:
-        modules = dict(self.model.named_modules())
+    def _forward_hooks(self, net: nn.Module, x_t: Tensor, t: Tensor, y: Optional[Tensor]) -> dict[str, Tensor]:
+        modules = dict(net.named_modules())
         out: dict[str, Tensor] = {}
         seen: list[str] = []
 
@@ -452,7 +461,7 @@ class FeatureExtractor:
 
         handles = [modules[name].register_forward_hook(hook(name)) for name in self.layers]
         try:
-            _call_model(self.model, x_t, t, y)
+            _call_model(net, x_t, t, y)
         except _StopForward:
             pass
         finally:
@@ -506,11 +515,12 @@ class FeatureExtractor:
         x = image.to(dev, self._param_dtype())
         t = torch.full((1,), self.timesteps[0], device=dev, dtype=torch.long)
         y = self._labels(None, 1, dev)
+        net = self._net()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
             base = torch.cuda.memory_allocated(dev)
             torch.cuda.reset_peak_memory_stats(dev)
-            self.forward_features(x, t, y)
+            self._forward_features(net, x, t, y)
             return max(1, torch.cuda.max_memory_allocated(dev) - base)
         total = [0]
 
@@ -519,9 +529,9 @@ class FeatureExtractor:
                 if isinstance(o, Tensor):
                     total[0] += o.numel() * o.element_size()
 
-        handles = [m.register_forward_hook(count) for m in self.model.modules() if not list(m.children())]
+        handles = [m.register_forward_hook(count) for m in net.modules() if not list(m.children())]
         try:
-            self.forward_features(x, t, y)
+            self._forward_features(net, x, t, y)
         finally:
             for h in handles:
                 h.remove()
@@ -581,6 +591,7 @@ class FeatureExtractor:
         step = self.rows_per_forward(images)
         ts = torch.tensor(self.timesteps, dtype=torch.long)
         images = images.to(dev)
+        net = self._net()
         acc: dict[str, Tensor] = {}
         for r0 in range(0, rows, step):
             r = torch.arange(r0, min(rows, r0 + step))
@@ -588,7 +599,7 @@ class FeatureExtractor:
             eps = noise[i, ti if noise.shape[1] > 1 else 0, ei]     # (R, C, H, W)
             t = ts[ti].to(dev)
             x_t = self.schedule.add_noise(images[i.to(dev)], eps.to(dev), t).to(mdtype)
-            feats = self.forward_features(x_t, t, labels[i.to(dev)] if labels is not None else None)
+            feats = self._forward_features(net, x_t, t, labels[i.to(dev)] if labels is not None else None)
             self.forward_calls += 1
             slot = (i * tn + ti).to(dev)                    # (image, timestep) pair of each row
             for name, h in feats.items():
@@ -738,12 +749,12 @@ class FeatureExtractor:
 class _FeatureModule(nn.Module):
     def __init__(self, fx: FeatureExtractor):
         super().__init__()
-        self.model = fx.model
+        self.model = fx._net()  # the caller's model, or its eval copy (exporting sets eval on this module)
         self._fx = [fx]  # a list: not a submodule, so the state dict is the model's
         self.output_names = list(fx.layers)
 
     def forward(self, x_t: Tensor, t: Tensor, y: Optional[Tensor] = None):
-        feats = self._fx[0].forward_features(x_t, t, y)
+        feats = self._fx[0]._forward_features(self.model, x_t, t, y)
         return tuple(feats[name] for name in self.output_names)
 
 
@@ -752,7 +763,7 @@ class _ExtractionGraph(nn.Module):
 
     def __init__(self, fx: FeatureExtractor):
         super().__init__()
-        self.model = fx.model
+        self.model = fx._net()  # the caller's model, or its eval copy (exporting sets eval on this module)
         self._fx = [fx]
         abar = torch.as_tensor(fx.schedule.alphas_cumprod, dtype=torch.float64)[fx.timesteps]
         dtype = fx._param_dtype()
@@ -770,7 +781,7 @@ class _ExtractionGraph(nn.Module):
         rows = x_t.reshape(n * tn * e, *shape)
         t = self.ts.repeat_interleave(e).repeat(n)                                         # (N*T*E,)
         labels = y.repeat_interleave(tn * e) if y is not None else None
-        feats = fx.forward_features(rows, t, labels)
+        feats = fx._forward_features(self.model, rows, t, labels)
         size = fx._target_size(images)
         out = {}
         for name in fx.layers:

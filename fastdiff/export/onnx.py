@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from fastdiff import ops
+from fastdiff.model_cache import run_copy
 from fastdiff.samplers import (
     COL_A,
     COL_B0,
@@ -475,6 +476,7 @@ def to_onnx(model_or_denoiser, path, example_batch: int = 2, dynamic_batch: bool
     opset = _check_opset(opset)
     batch = _check_batch(example_batch)
     model, denoiser = _split(model_or_denoiser)
+    model = run_copy(model, eval=True)  # tracing runs in eval mode: a cached eval copy if yours is not
     x, t, label_key, y = _example_inputs(model, batch, input_shape)
     module = _ModelGraph(model, label_key)
     names = ["x", "timesteps"] + (["y"] if label_key is not None else [])
@@ -539,6 +541,7 @@ def step_to_onnx(denoiser, sampler, path, *, guidance: Optional[bool] = None, y_
     opset = _check_opset(opset)
     batch = _check_batch(example_batch)
     model, _ = _split(denoiser)
+    model = run_copy(model, eval=True)  # tracing runs in eval mode: a cached eval copy if yours is not
     options = dict(sampler_options or {})
     table = _step_table(denoiser, sampler, steps, options)
     x, _, label_key, y = _example_inputs(model, batch, input_shape)
