@@ -64,20 +64,23 @@ from torch import Tensor, nn
 from fastdiff import model_cache
 from fastdiff.denoiser import Denoiser, call_model
 from fastdiff.engine_args import (
+    check_choice,
+    check_compile,
+    check_conditioning,
+    check_dtype,
     check_extra_kwargs,
     check_guidance,
     check_int,
     check_labels,
     check_memory_budget,
     check_sampler_options,
-    check_y_null,
-    is_conditional,
-    label_count,
+    check_shape,
+    default_y_null,
     resolve_device,
     resolve_seeds,
 )
+from fastdiff.engine_distributed import dist_info, gather_chunks, min_over_ranks, seeds_of_rank0
 from fastdiff.policy import (
-    as_dtype,
     cpu_has_native_bf16,
     cpu_threads_for_call,
     default_dtype,
@@ -307,67 +310,6 @@ def _auto_batch_size(prep: model_cache.Prepared, run: Denoiser, sample_shape, de
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.distributed
-# ---------------------------------------------------------------------------------------------
-
-
-def _dist_info(distributed) -> tuple[int, int]:
-    if distributed is False:
-        return 0, 1
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    if distributed:
-        raise ValueError("distributed=True needs an initialised torch.distributed process group")
-    return 0, 1
-
-
-def _comm_device(device: torch.device) -> torch.device:
-    import torch.distributed as dist
-
-    if dist.get_backend() == "nccl":
-        return device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _min_over_ranks(value: int, device: torch.device) -> int:
-    import torch.distributed as dist
-
-    t = torch.tensor([int(value)], dtype=torch.int64, device=_comm_device(device))
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
-
-
-def _seeds_of_rank0(seeds: list, device: torch.device) -> list:
-    """Fresh seeds drawn on every rank: rank 0's, so that all ranks sample the same batch."""
-    import torch.distributed as dist
-
-    t = torch.tensor(seeds, dtype=torch.int64, device=_comm_device(device))
-    dist.broadcast(t, src=0)
-    return t.tolist()
-
-
-def _gather(local: Tensor, chunks: list, batch_size: int, world: int, sample_shape,
-            device: torch.device) -> Tensor:
-    """All-gather the ranks' chunks (rank r holds chunks r, r + world, ...) into the (n, ...) batch."""
-    import torch.distributed as dist
-
-    per_rank = -(-len(chunks) // world) * batch_size
-    comm_device = _comm_device(device) if dist.get_backend() == "nccl" else device
-    buf = torch.zeros((per_rank, *sample_shape), dtype=local.dtype, device=comm_device)
-    buf[: local.shape[0]].copy_(local)
-    parts = [torch.empty_like(buf) for _ in range(world)]
-    dist.all_gather(parts, buf)
-    n = chunks[-1][1] if chunks else 0
-    out = torch.empty((n, *sample_shape), dtype=local.dtype, device=device)
-    for j, (c0, c1) in enumerate(chunks):
-        k = (j // world) * batch_size
-        out[c0:c1].copy_(parts[j % world][k: k + (c1 - c0)])
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------
 
@@ -391,72 +333,6 @@ def _ort_keywords() -> list:
     params = inspect.signature(sample_onnxruntime).parameters.values()
     return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
             and p.default is not p.empty and p.name not in own]
-
-
-def _check_shape(shape) -> tuple:
-    allowed = "(N, C, ...) of ints with N >= 0 and the other sizes >= 1"
-    if isinstance(shape, (Tensor, np.ndarray)):
-        shape = tuple(shape.tolist())
-    if isinstance(shape, (str, bytes)) or not isinstance(shape, (Sequence, torch.Size)):
-        raise TypeError(f"shape must be {allowed}, got {type(shape).__name__} {shape!r}")
-    shape = tuple(shape)
-    if len(shape) < 2 or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in shape):
-        raise ValueError(f"shape must be {allowed}, got {shape}")
-    shape = tuple(int(s) for s in shape)
-    if shape[0] < 0 or any(s < 1 for s in shape[1:]):
-        raise ValueError(f"shape must be {allowed}, got {shape}")
-    return shape
-
-
-def _check_dtype(dtype) -> Optional[torch.dtype]:
-    dtype = as_dtype(dtype)
-    if dtype is not None and not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating dtype (float32, bfloat16, float16, float64), got {dtype}")
-    return dtype
-
-
-def _check_choice(name: str, value, allowed: tuple) -> None:
-    if not any(value is a or (type(value) is type(a) and value == a) for a in allowed):
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-
-
-def _check_compile(compile_mode) -> None:
-    if isinstance(compile_mode, (bool, str, dict)):
-        return
-    raise TypeError(f"compile must be True/False, a torch.compile mode string or a dict of torch.compile "
-                    f"keyword arguments, got {type(compile_mode).__name__}")
-
-
-def _default_y_null(obj, model):
-    for owner in (obj, model):
-        value = getattr(owner, "y_null", None)
-        if value is not None and not isinstance(value, nn.Module):
-            return value
-    return None
-
-
-def _check_conditioning(denoiser: Denoiser, y, n: int, y_null, guidance: float, model_kwargs):
-    """The labels (n,) int64 on the CPU and the null label, checked against the model's label table."""
-    model = denoiser.model
-    count = label_count(denoiser, model, y_null if isinstance(y_null, (int, np.integer)) else None)
-    labels = check_labels(y, n, count)
-    y_null = check_y_null(y_null, count)
-    conditional = is_conditional(denoiser, model)
-    labels_in_kwargs = bool(model_kwargs) and any(k in model_kwargs for k in ("y", "class_labels", "labels"))
-    name = type(model).__name__
-    if labels is None and conditional and not labels_in_kwargs and n > 0:
-        null = f"; y={y_null} (the null label) gives unconditional samples" if y_null is not None else ""
-        raise ValueError(f"y: {name} is class-conditional ({count or 'some'} labels): pass class labels y "
-                         f"(one int or (N,)){null}")
-    if labels is not None and conditional is False:
-        raise ValueError(f"y must be None: {name} is not class-conditional")
-    if guidance != 1.0 and labels is None and not labels_in_kwargs:
-        raise ValueError(f"guidance_scale={guidance:g} (classifier-free guidance) needs class labels y and the "
-                         "null label y_null; use guidance_scale=1 for an unconditional model")
-    if guidance != 1.0 and labels is not None and y_null is None:
-        raise ValueError("guidance_scale != 1 with class labels needs y_null (the null label), as an argument "
-                         "or a y_null attribute of the denoiser")
-    return labels, y_null
 
 
 # ---------------------------------------------------------------------------------------------
@@ -539,7 +415,7 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
                        _ort_keywords() if runtime == "onnxruntime" else ())
     if not isinstance(sampler, str) or sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
-    shape = _check_shape(shape)
+    shape = check_shape(shape)
     n = shape[0]
     steps = check_int("steps", steps)
     guidance = check_guidance(guidance_scale)
@@ -547,14 +423,14 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
     threads = check_int("threads", threads, allow_none=True)
     memory_budget = check_memory_budget(memory_budget)
     dev = resolve_device(device)
-    dtype = _check_dtype(dtype) or default_dtype(dev)
+    dtype = check_dtype(dtype) or default_dtype(dev)
     options = check_sampler_options(sampler, sampler_options)
     for name, value, allowed in (("cuda_graph", cuda_graph, (None, True, False)),
                                  ("distributed", distributed, (None, True, False)),
                                  ("channels_last", channels_last, (None, True, False)),
                                  ("return_seeds", return_seeds, (True, False))):
-        _check_choice(name, value, allowed)
-    _check_compile(compile)
+        check_choice(name, value, allowed)
+    check_compile(compile)
     if model_kwargs is not None and not isinstance(model_kwargs, dict):
         raise TypeError(f"model_kwargs must be a dict or None, got {type(model_kwargs).__name__}")
     if callback is not None and not callable(callback):
@@ -562,7 +438,7 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
     if spacing is not None and not isinstance(spacing, str):
         raise TypeError(f"spacing must be a spacing name or None, got {type(spacing).__name__}")
     if y_null is None:
-        y_null = _default_y_null(denoiser_or_model, getattr(denoiser_or_model, "model", None))
+        y_null = default_y_null(denoiser_or_model, getattr(denoiser_or_model, "model", None))
 
     if runtime == "onnxruntime":
         given = {"batch_size": batch_size, "compile": compile, "cuda_graph": cuda_graph,
@@ -577,7 +453,7 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
                                    timesteps, sampler_options, threads, return_seeds, runtime_kwargs)
 
     denoiser = _as_denoiser(denoiser_or_model, schedule, prediction, learned_sigma)
-    labels, y_null = _check_conditioning(denoiser, y, n, y_null, guidance, model_kwargs)
+    labels, y_null = check_conditioning(denoiser, y, n, y_null, guidance, model_kwargs)
     if channels_last is None:
         channels_last = use_channels_last(denoiser.model, dev, dtype, len(shape))
     use_graph = _graph_capable(dev) if cuda_graph is None else bool(cuda_graph)
@@ -599,7 +475,7 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
     if sigmas is None:
         sigmas, timesteps = _sampling_sigmas(denoiser.schedule, sampler, steps, spacing)
     table = build_table(sampler, sigmas, timesteps=timesteps, **options)
-    ranks = _dist_info(distributed)
+    ranks = dist_info(distributed)
     seed_list = resolve_seeds(seeds, n)
 
     with cpu_threads_for_call(threads) if dev.type == "cpu" else contextlib.nullcontext():
@@ -628,7 +504,7 @@ def _sample_onnxruntime(denoiser_or_model, shape, sampler, steps, guidance, y, s
         denoiser_or_model = _as_denoiser(denoiser_or_model, schedule, prediction, learned_sigma)
     labels = y
     if isinstance(denoiser_or_model, Denoiser):
-        labels, y_null = _check_conditioning(denoiser_or_model, y, n, y_null, guidance, None)
+        labels, y_null = check_conditioning(denoiser_or_model, y, n, y_null, guidance, None)
         schedule = schedule or denoiser_or_model.schedule
     elif y is not None:
         labels = check_labels(y, n, None)
@@ -661,12 +537,12 @@ def _sample_torch(denoiser: Denoiser, table, shape, dev, dtype, channels_last, c
 
     rank, world = ranks
     if world > 1 and fresh_seeds:
-        seed_list = _seeds_of_rank0(seed_list, dev)
+        seed_list = seeds_of_rank0(seed_list, dev)
     if batch_size is None:
         batch_size = _auto_batch_size(prep, run, sample_shape, dev, guided, labels is not None, n, memory_budget,
                                       settings + (memory_budget,), use_graph)
         if world > 1:  # every rank must cut the batch the same way
-            batch_size = _min_over_ranks(batch_size, dev)
+            batch_size = min_over_ranks(batch_size, dev)
     chunks = [(c0, min(n, c0 + batch_size)) for c0 in range(0, n, batch_size)]
     mine = chunks[rank::world]
     graph_key = settings + (digest, guidance, _y_null_key(y_null), backend, _kwargs_key(model_kwargs),
@@ -695,7 +571,7 @@ def _sample_torch(denoiser: Denoiser, table, shape, dev, dtype, channels_last, c
         bar.close()
     if world == 1:
         return local[:n], seed_list
-    return _gather(local, chunks, batch_size, world, sample_shape, dev), seed_list
+    return gather_chunks(local, chunks, batch_size, world, sample_shape, dev), seed_list
 
 
 def _y_null_key(y_null):

@@ -17,9 +17,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fastdiff.policy import as_dtype
+
 __all__ = ["SEED_LIMIT", "MAX_GUIDANCE", "RENAMED", "resolve_seeds", "resolve_device", "check_int",
            "check_guidance", "check_memory_budget", "check_sampler_options", "check_extra_kwargs",
-           "label_count", "is_conditional", "check_labels", "check_y_null"]
+           "label_count", "is_conditional", "check_labels", "check_y_null", "check_shape", "check_dtype",
+           "check_choice", "check_compile", "default_y_null", "check_conditioning"]
 
 SEED_LIMIT = 2 ** 63  # seeds lie in [0, 2^63): what every torch.Generator takes without wrapping
 MAX_GUIDANCE = 1e3    # past this every pixel saturates; such a weight is a mistake, not a setting
@@ -288,3 +291,74 @@ def check_y_null(y_null, count: Optional[int]):
         raise ValueError(f"y_null must be a label in [0, {count if count is not None else 'num_classes'}), got "
                          f"{int(y_null)}")
     return int(y_null)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shape, dtype, switches, conditioning
+# ---------------------------------------------------------------------------------------------
+
+
+def check_shape(shape) -> tuple:
+    allowed = "(N, C, ...) of ints with N >= 0 and the other sizes >= 1"
+    if isinstance(shape, (Tensor, np.ndarray)):
+        shape = tuple(shape.tolist())
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, (Sequence, torch.Size)):
+        raise TypeError(f"shape must be {allowed}, got {type(shape).__name__} {shape!r}")
+    shape = tuple(shape)
+    if len(shape) < 2 or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in shape):
+        raise ValueError(f"shape must be {allowed}, got {shape}")
+    shape = tuple(int(s) for s in shape)
+    if shape[0] < 0 or any(s < 1 for s in shape[1:]):
+        raise ValueError(f"shape must be {allowed}, got {shape}")
+    return shape
+
+
+def check_dtype(dtype) -> Optional[torch.dtype]:
+    dtype = as_dtype(dtype)
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating dtype (float32, bfloat16, float16, float64), got {dtype}")
+    return dtype
+
+
+def check_choice(name: str, value, allowed: tuple) -> None:
+    if not any(value is a or (type(value) is type(a) and value == a) for a in allowed):
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def check_compile(compile_mode) -> None:
+    if isinstance(compile_mode, (bool, str, dict)):
+        return
+    raise TypeError(f"compile must be True/False, a torch.compile mode string or a dict of torch.compile "
+                    f"keyword arguments, got {type(compile_mode).__name__}")
+
+
+def default_y_null(obj, model):
+    for owner in (obj, model):
+        value = getattr(owner, "y_null", None)
+        if value is not None and not isinstance(value, nn.Module):
+            return value
+    return None
+
+
+def check_conditioning(denoiser, y, n: int, y_null, guidance: float, model_kwargs):
+    """The labels (n,) int64 on the CPU and the null label, checked against the model's label table."""
+    model = denoiser.model
+    count = label_count(denoiser, model, y_null if isinstance(y_null, (int, np.integer)) else None)
+    labels = check_labels(y, n, count)
+    y_null = check_y_null(y_null, count)
+    conditional = is_conditional(denoiser, model)
+    labels_in_kwargs = bool(model_kwargs) and any(k in model_kwargs for k in ("y", "class_labels", "labels"))
+    name = type(model).__name__
+    if labels is None and conditional and not labels_in_kwargs and n > 0:
+        null = f"; y={y_null} (the null label) gives unconditional samples" if y_null is not None else ""
+        raise ValueError(f"y: {name} is class-conditional ({count or 'some'} labels): pass class labels y "
+                         f"(one int or (N,)){null}")
+    if labels is not None and conditional is False:
+        raise ValueError(f"y must be None: {name} is not class-conditional")
+    if guidance != 1.0 and labels is None and not labels_in_kwargs:
+        raise ValueError(f"guidance_scale={guidance:g} (classifier-free guidance) needs class labels y and the "
+                         "null label y_null; use guidance_scale=1 for an unconditional model")
+    if guidance != 1.0 and labels is not None and y_null is None:
+        raise ValueError("guidance_scale != 1 with class labels needs y_null (the null label), as an argument "
+                         "or a y_null attribute of the denoiser")
+    return labels, y_null

@@ -12,7 +12,8 @@ It sits below ``engine.py`` and ``compat/`` so both read one policy without an u
   runs 1.2x faster in NHWC, the 1.2M-parameter digits U-Net 2.5x slower.
 - **threads** (:func:`cpu_threads`): the requested count, else torch's default, or 1 when the machine is
   already busy (1-minute load average >= cores): OpenMP regions wait for every thread, and a descheduled
-  thread stalls each one.
+  thread stalls each one. The CLI sets it for the process; ``fastdiff.sample`` on the CPU applies it for
+  the call (:func:`cpu_threads_for_call`) and gives torch its own setting back.
 """
 
 from __future__ import annotations

@@ -728,11 +728,15 @@ def to_device(table: SamplerTable, denoiser, device, dtype: torch.dtype = torch.
 
 
 def make_generators(seeds: Sequence[int], device="cpu") -> list:
-    """One ``torch.Generator`` per seed on ``device`` (CPU generators: the same numbers on every machine)."""
+    """One ``torch.Generator`` per seed on ``device`` (CPU generators: the same numbers on every machine).
+
+    Seeds are ints in [0, 2^63) (torch would wrap negative and larger ones onto other seeds)."""
     gens = []
     for s in seeds:
         if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
             raise ValueError(f"seeds must be integers, got {s!r}")
+        if not 0 <= int(s) < 2**63:
+            raise ValueError(f"seeds must be integers in [0, 2**63), got {int(s)}")
         g = torch.Generator(device=device)
         g.manual_seed(int(s))
         gens.append(g)

@@ -55,9 +55,7 @@ class NoiseStager:
         self.shape = tuple(int(s) for s in sample_shape)
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        full = (len(self.generators), *self.shape)
-        self.buffers = ([torch.empty(full, dtype=torch.float32, pin_memory=True) for _ in range(slots)]
-                        if self.cuda else [])
+        self.buffers: list = [None] * (slots if self.cuda else 0)  # allocated on first use
         self.events: list = [None] * len(self.buffers)
         self.draws = 0
 
@@ -71,6 +69,9 @@ class NoiseStager:
         self.draws += 1
         if self.events[slot] is not None:
             self.events[slot].synchronize()  # the copy from this buffer (a few rows ago) has finished
+        if self.buffers[slot] is None:
+            self.buffers[slot] = torch.empty((len(self.generators), *self.shape), dtype=torch.float32,
+                                             pin_memory=True)
         out = consume(self._fill(self.buffers[slot]))
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))

