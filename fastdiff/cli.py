@@ -220,7 +220,7 @@ def cmd_sample(args) -> int:
                      guidance_scale=guidance, y=None if labels is None else torch.from_numpy(labels),
                      seeds=seeds, device=device, dtype=args.dtype, progress=not args.quiet and rank == 0,
                      batch_size=args.batch, compile=args.compile, cuda_graph=args.cuda_graph,
-                     runtime=args.runtime)
+                     runtime=args.runtime, threads=args.threads)
         if out.device.type == "cuda":
             torch.cuda.synchronize(out.device)
         dt = time.perf_counter() - t0
