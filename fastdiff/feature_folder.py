@@ -136,6 +136,7 @@ class FeatureRun:
         self.run_id: str = run["run"]
         self.world_size: int = run["world_size"]
         self.shards: list[dict] = []
+        self._reopened = False
 
     # ---- opening --------------------------------------------------------------------------------
 
@@ -207,28 +208,36 @@ class FeatureRun:
 
     @staticmethod
     def _remove_run(folder: Path, run_id: Optional[str]) -> None:
-        """Remove the files of run ``run_id`` (None: files with no identity), keeping run.json to last
-        so that an interrupted removal is still seen as that run."""
-        last = []
+        """Remove the files of run ``run_id`` and the leftovers of any run that is not the folder's
+        current one (files with no identity, temporaries, other runs' files), keeping run.json to last
+        so that an interrupted removal is still seen as that run. A file of the run named in run.json at
+        the moment it is looked at is kept unless that run is ``run_id``: a sibling rank that has already
+        started the next run (its run.json is created before any of its files) keeps its files."""
         for path in sorted(folder.iterdir()):
-            if not path.is_file() or not _is_ours(path.name):
+            if not path.is_file() or not _is_ours(path.name) or path.name == RUN_FILE:
                 continue
             owner = _file_run(path)
-            if owner is not None and owner != run_id:
-                continue  # another run's file (a sibling rank may have started the next run already)
-            if path.name == RUN_FILE:
-                last.append(path)
-                continue
-            path.unlink(missing_ok=True)
-        for path in last:
-            path.unlink(missing_ok=True)
+            current = (read_run(folder) or {}).get("run")
+            if owner is None or owner == run_id or owner != current:
+                path.unlink(missing_ok=True)
+        if (read_run(folder) or {}).get("run") in (run_id, None):
+            (folder / RUN_FILE).unlink(missing_ok=True)
 
     def _start(self) -> "FeatureRun":
-        index = self.folder / INDEX_FILE
-        if self.resumed and (_read_json(index) or {}).get("run") == self.run_id:
-            index.unlink()  # the run is in progress again: index.json comes back when it completes
-        self._write_rank_index(complete=False, num_images=None)
+        mine = _read_json(self.folder / _rank_index_name(self.rank)) or {}
+        if not (self.resumed and mine.get("run") == self.run_id):
+            self._write_rank_index(complete=False, num_images=None)  # this rank has joined the run
         return self
+
+    def _reopen(self) -> None:
+        """Before a resumed run changes its first shard: its index and this rank's part are no longer
+        complete (index.json comes back when the run completes)."""
+        if self.resumed and not self._reopened:
+            self._reopened = True
+            index = self.folder / INDEX_FILE
+            if (_read_json(index) or {}).get("run") == self.run_id:
+                index.unlink()
+            self._write_rank_index(complete=False, num_images=None)
 
     # ---- writing --------------------------------------------------------------------------------
 
@@ -248,6 +257,7 @@ class FeatureRun:
     def write_shard(self, batch: int, start: int, count: int, tensors: dict[str, Tensor]) -> str:
         from safetensors.torch import save_file
 
+        self._reopen()
         name = shard_name(self.rank, batch)
         meta = {"fastdiff.format": str(FORMAT), "fastdiff.run": self.run_id,
                 "fastdiff.settings": self.run["settings_hash"], "fastdiff.rank": str(self.rank),

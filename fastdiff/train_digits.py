@@ -29,6 +29,7 @@ every ``--save-every`` steps, and ``--resume`` continues from it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import os
@@ -75,10 +76,14 @@ def build_model(**overrides):
     return ADMUNet(**{**DIGITS_CONFIG, **overrides})
 
 
-def _use_native_training_ops() -> None:
-    """Route GroupNormModulate and the attention op through PyTorch's fused CPU ops for training speed."""
+@contextlib.contextmanager
+def _native_training_ops():
+    """Route GroupNormModulate and the attention op through PyTorch's fused CPU ops for training speed,
+    restoring fastdiff's own on exit (the process's other models are not changed for good)."""
     from fastdiff import nn as fnn
     from fastdiff.models import adm
+
+    saved = fnn.GroupNormModulate.forward, adm.ops
 
     def gn_forward(self, x, scale=None, shift=None):
         h = F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
@@ -86,22 +91,27 @@ def _use_native_training_ops() -> None:
             h = h * (1 + scale[:, :, None, None].to(h.dtype)) + shift[:, :, None, None].to(h.dtype)
         return F.silu(h) if self.activation == "silu" else h
 
-    fnn.GroupNormModulate.forward = gn_forward
-
     class _Ops:
         @staticmethod
         def attention(q, k, v, scale=None, **kw):
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
-    adm.ops = _Ops
+    fnn.GroupNormModulate.forward, adm.ops = gn_forward, _Ops
+    try:
+        yield
+    finally:
+        fnn.GroupNormModulate.forward, adm.ops = saved
 
 
 def train(args) -> None:
+    with _native_training_ops() if args.native_ops else contextlib.nullcontext():
+        _train(args)
+
+
+def _train(args) -> None:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     torch.set_num_threads(args.threads)
-    if args.native_ops:
-        _use_native_training_ops()
     from safetensors.torch import save_file
 
     x_all, y_all = load_digits_split("train")

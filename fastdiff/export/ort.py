@@ -452,7 +452,7 @@ def sample_onnxruntime(denoiser_or_path, shape: Sequence[int], sampler: str = "d
         schedule, coef_source = denoiser.schedule, denoiser
     elif isinstance(denoiser_or_path, (str, os.PathLike)):
         path = os.fspath(denoiser_or_path)
-        meta = read_metadata(path) if os.path.exists(path) else {}
+        meta = graph_metadata(path, "denoiser_or_path")
         if meta.get("kind") == "model":
             raise ValueError(f"{path!r} is a model graph: wrap it as Denoiser(OrtDenoiser(path), schedule) "
                              "and use fastdiff.sample, or export a step graph with "

@@ -68,10 +68,15 @@ def read_state_dict(path, what: str = "checkpoint") -> dict[str, Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            if "weights only load failed" in str(e).lower():
-                raise CheckpointError(f"{what} {path!r} holds Python objects other than tensors, which "
-                                      "torch.load(weights_only=True) does not run; save its state dict (or "
-                                      "convert it to .safetensors)") from None
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            if found:  # a pickle of classes that weights_only refuses to run
+                raise CheckpointError(f"{what} {path!r} holds Python objects other than tensors ({found.group(1)}), "
+                                      "which torch.load(weights_only=True) does not run; save its state dict "
+                                      "(or convert it to .safetensors)") from None
+            if "WeightsUnpickler error" in str(e):  # not a pickle at all
+                reason = str(e).split("WeightsUnpickler error:")[1].strip().splitlines()[0]
+                raise CheckpointError(f"{what} {path!r} ({size} bytes) is not a readable torch checkpoint "
+                                      f"(truncated or corrupt): {reason}") from None
             raise CheckpointError(f"{what} {path!r} ({size} bytes) is not a readable torch checkpoint "
                                   f"(truncated or corrupt): {_first_line(e)}") from None
     for key in _WRAPPERS:
@@ -94,7 +99,8 @@ def read_state_dict(path, what: str = "checkpoint") -> dict[str, Tensor]:
 def _describe(n_model: int, n_file: int, missing: list, unexpected: list, shaped: list) -> str:
     """Counts and the first few keys of each kind of mismatch; ``shaped``: (key, file shape, model shape)."""
     def listing(items, show=str, sep=", "):
-        return sep.join(show(k) for k in items[:SHOWN]) + (f"{sep}..." if len(items) > SHOWN else "")
+        return sep.join(show(k) for k in items[:SHOWN]) + (f" and {len(items) - SHOWN} more" if len(items) > SHOWN
+                                                            else "")
 
     plural = lambda k: "s" * (len(k) != 1)
     parts = [f"{n_model} keys in the model, {n_file} in the file"]
@@ -124,8 +130,10 @@ def load_state_dict(model: nn.Module, state: dict, source: str = "the state dict
               if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     fail = lambda detail: CheckpointError(f"{what} {source!r} does not fit {type(model).__name__} (another "
                                           f"architecture or configuration?): {detail}")
-    if shaped:
-        raise fail(_describe(len(own), len(state), [], [], shaped))
+    if shaped:  # names as written (the model's renaming hooks have not run): a guide next to the shapes
+        missing = [k for k in own if k not in state] if strict else []
+        unexpected = [k for k in state if k not in own] if strict else []
+        raise fail(_describe(len(own), len(state), missing, unexpected, shaped))
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # a mismatch found only after the model's renaming hooks

@@ -104,5 +104,5 @@ def check_image(x, name: str, channels: int, dims: int = 2, multiple: int = 1,
         raise ValueError(f"{name} must have shape (N, {channels}, {', '.join(map(str, size))}) (this model's "
                          f"resolution), got {tuple(x.shape)}")
     if multiple > 1 and any(s % multiple for s in halved):
-        raise ValueError(f"{name} must have spatial sizes that are multiples of {multiple} (the model halves "
-                         f"them {multiple.bit_length() - 1} times), got {tuple(x.shape)}")
+        raise ValueError(f"{name} must have spatial sizes that are multiples of {multiple} (the model "
+                         f"downsamples by {multiple}), got {tuple(x.shape)}")
