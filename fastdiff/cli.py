@@ -26,6 +26,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from fastdiff.io import atomic_path, atomic_write, check_output_path
+
 __all__ = ["main", "build_parser", "load_model", "save_grid"]
 
 LATENT_SCALE = 0.18215  # Stable Diffusion's VAE latent scale (DiT, U-ViT latent models)
@@ -132,8 +134,30 @@ def save_grid(images: np.ndarray, path: str, columns: Optional[int] = None, min_
     scale = max(1, math.ceil(min_tile / max(h, w)))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(path)
+    with atomic_path(path, argument="--out") as tmp:  # the previous grid stays whole if this fails
+        img.save(tmp, format=image_format(path))
+
+
+def image_format(path: str) -> str:
+    """PIL's format name for the extension of ``path`` (ValueError naming --out for an unknown one)."""
+    from PIL import Image
+
+    ext = os.path.splitext(path)[1].lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None:
+        raise ValueError(f"--out: {path!r} has no image extension PIL writes (use .png, .jpg, .webp, ...)")
+    return fmt
+
+
+def check_outputs(args) -> None:
+    """--out / --save point into existing folders (and --out has an image extension): checked before the
+    model is loaded, so a typo costs nothing."""
+    if getattr(args, "out", None):
+        check_output_path(args.out, "--out")
+        if getattr(args, "func", None) is cmd_sample:
+            image_format(args.out)
+    if getattr(args, "save", None):
+        check_output_path(args.save, "--save")
 
 
 def _decode_latents(latents: torch.Tensor, vae_path: str, batch: int = 8) -> torch.Tensor:
@@ -196,6 +220,7 @@ def cmd_sample(args) -> int:
     from fastdiff.engine import sample
     from fastdiff.policy import cpu_threads
 
+    check_outputs(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         torch.set_num_threads(cpu_threads(args.threads))
@@ -243,7 +268,8 @@ def cmd_sample(args) -> int:
             payload = {"samples": arr.astype(np.float32), "seeds": np.array(seeds, dtype=np.int64)}
             if labels is not None:
                 payload["labels"] = labels
-            np.savez(args.save, **payload)
+            with atomic_write(args.save, argument="--save") as f:  # a file object: the name is kept as given
+                np.savez(f, **payload)
             print(f"wrote {args.save}")
         return 0
     finally:
@@ -333,6 +359,7 @@ def cmd_export(args) -> int:
         from fastdiff import export
     except ImportError as e:
         raise SystemExit(f"fastdiff export needs the onnx extras (pip install 'fastdiff[onnx]'): {e}") from e
+    check_outputs(args)
     den, info = load_model(args.model, args.checkpoint)
     kw = {"input_shape": info["sample_shape"]}
     if args.step:

@@ -40,6 +40,7 @@ DDPM-Seg shares one noise across its timesteps), or (timesteps, ensemble, C, H, 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -52,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastdiff.feature_folder import FeatureFolderError, load_features, merge_index
+from fastdiff.io import check_output_path, write_bytes
 from fastdiff.model_cache import run_copy
 from fastdiff.samplers import make_generators, randn_per_sample
 
@@ -370,6 +373,11 @@ class FeatureExtractor:
         self._last = max(layers, key=order.__getitem__) if self.kind != "hooks" else None
         self._rows_per_forward: Optional[int] = None
         self.forward_calls = 0  # model forwards run (each a chunk of rows)
+        if isinstance(y, (int, str)) or y is None:  # a fixed label is checked now, before any work
+            if isinstance(y, str) and y != "null":
+                raise ValueError(f"y must be None, 'null', an int or an integer tensor, got {y!r}")
+            if y is not None:
+                self._labels(None, 1, "cpu")
 
     # ---- the model's view -------------------------------------------------------------------
 
@@ -407,17 +415,30 @@ class FeatureExtractor:
         return getattr(m, "null_label", None)
 
     def _labels(self, y, n: int, device) -> Optional[Tensor]:
+        from fastdiff.models.common import check_labels, label_table_size
+
         y = self.y if y is None else y
         if y is None or (isinstance(y, str) and y == "null"):
             null = self.null_label()
             return None if null is None else torch.full((n,), null, dtype=torch.long, device=device)
+        rows = label_table_size(self.model)
+        if rows is None and self.kind != "hooks":
+            raise ValueError(f"y must be None: this {type(self.model).__name__} is unconditional")
         if isinstance(y, int) and not isinstance(y, bool):
-            return torch.full((n,), y, dtype=torch.long, device=device)
-        if not isinstance(y, Tensor) or y.shape != (n,) or y.is_floating_point():
+            y = torch.full((n,), y, dtype=torch.long)
+        if not isinstance(y, Tensor) or y.shape != (n,) or y.is_floating_point() or y.dtype == torch.bool:
             got = (tuple(y.shape), y.dtype) if isinstance(y, Tensor) else repr(y)
             raise ValueError(f"y must be None, 'null', an int or an integer tensor of shape ({n},), "
                              f"got {got}")
+        if rows is not None:  # the walkers index the label table directly: check the range here
+            y = check_labels(y, n, rows, "y", null_label=self._null_or_none())
         return y.to(device=device, dtype=torch.long)
+
+    def _null_or_none(self) -> Optional[int]:
+        try:
+            return self.null_label()
+        except ValueError:
+            return None
 
     def _map(self, h: Tensor) -> Tensor:
         """A layer's output as the feature map: tokens to (N, D, h, w) for the transformers."""
@@ -627,28 +648,76 @@ class FeatureExtractor:
 
     # ---- streaming -----------------------------------------------------------------------------
 
+    def settings(self) -> dict:
+        """What determines the features (the identity of a feature-folder run): the model's class and a
+        fingerprint of its weights, the schedule, layers, timesteps, ensemble, seed, pool, upsample,
+        concat, noise draws, labels and output dtype. Rows per forward and the device are left out."""
+        y = self.y
+        if isinstance(y, Tensor):
+            y = hashlib.sha256(y.detach().cpu().to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+        try:
+            null = self.null_label()
+        except ValueError:
+            null = None
+        abar = torch.as_tensor(self.schedule.alphas_cumprod, dtype=torch.float64).cpu().numpy()
+        return {"model": type(self.model).__name__, "weights": _weights_fingerprint(self.model),
+                "schedule": hashlib.sha256(abar.tobytes()).hexdigest()[:16], "layers": self.layers,
+                "timesteps": self.timesteps, "ensemble": self.ensemble, "seed": self.seed, "pool": self.pool,
+                "concat": self.concat, "upsample_to": self.upsample_to,
+                "noise_per_timestep": self.noise_per_timestep, "y": y, "null_label": null,
+                "dtype": str(self.dtype).replace("torch.", "")}
+
     @torch.no_grad()
     def extract_to(self, folder: Union[str, os.PathLike], batches: Iterable, *, rank: Optional[int] = None,
-                   world_size: Optional[int] = None, progress: bool = False) -> Path:
+                   world_size: Optional[int] = None, progress: bool = False, overwrite: bool = False,
+                   resume: bool = False, run_id: Optional[str] = None) -> Path:
         """Stream features of an iterable of batches into ``folder``: one safetensors shard per batch.
 
         A batch is a tensor of images or a tuple ``(images, labels)`` (labels are stored, not used to
         condition; use ``y=`` for that). Image ``k`` of the stream has seed ``seed + k`` whatever the
         batching. Under torchrun (``RANK``/``WORLD_SIZE``, or ``rank=``/``world_size=``) batch ``b``
         goes to rank ``b % world_size`` and each rank writes its shards and ``index-rank{r}.json``;
-        :func:`merge_index` (run here by rank 0 when ``torch.distributed`` is initialised, else by
-        :func:`load_features`) writes ``index.json`` covering all. Shard keys: ``"{layer}/t{t}"``
-        (or ``"features"`` with concat), ``"index"`` (stream positions), ``"labels"``.
+        :func:`merge_index` (run here by rank 0 when ``torch.distributed`` is initialised or the world
+        is one process, else by :func:`load_features`) writes ``index.json``, last. Shard keys:
+        ``"{layer}/t{t}"`` (or ``"features"`` with concat), ``"index"`` (stream positions), ``"labels"``.
+
+        The folder holds one run (:mod:`fastdiff.feature_folder`): its parent must exist; a folder
+        holding another run (an interrupted one included) is refused unless ``overwrite=True`` (the old
+        run's files are removed first) or ``resume=True`` (the run is continued: it must have identical
+        settings, :meth:`settings`, and world size; finished shards are kept). ``run_id``: the run's name,
+        shared by the ranks of one run (default: random; under torch.distributed rank 0's). Every file
+        is written under a temporary name and renamed into place.
         """
+        from fastdiff.feature_folder import FeatureRun, merge_index
+
         rank = int(os.environ.get("RANK", 0)) if rank is None else rank
         world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank must lie in [0, world_size), got rank={rank}, world_size={world_size}")
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        shards, start = [], 0
+        dist = torch.distributed
+        grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        settings = self.settings()
+        if grouped:  # rank 0 decides what the folder holds; the others join its run (or fail with it)
+            run, decided, error = None, [None, None], None
+            if rank == 0:
+                try:
+                    run = FeatureRun.open(folder, settings, rank=rank, world_size=world_size,
+                                          overwrite=overwrite, resume=resume, run_id=run_id)
+                    decided = [run.run_id, None]
+                except Exception as e:
+                    decided, error = [None, f"{type(e).__name__}: {e}"], e
+            dist.broadcast_object_list(decided, src=0)
+            if error is not None:
+                raise error
+            if decided[1] is not None:
+                raise FeatureFolderError(f"rank 0 could not open {os.fspath(folder)!r}: {decided[1]}")
+            if rank != 0:
+                run = FeatureRun.open(folder, settings, rank=rank, world_size=world_size, overwrite=False,
+                                      resume=resume, run_id=decided[0])
+        else:
+            run = FeatureRun.open(folder, settings, rank=rank, world_size=world_size, overwrite=overwrite,
+                                  resume=resume, run_id=run_id)
+        start = 0
         iterator = batches
         if progress:
             from tqdm import tqdm
@@ -656,7 +725,7 @@ class FeatureExtractor:
         for b, batch in enumerate(iterator):
             images, labels = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
             n = images.shape[0]
-            if b % world_size == rank and n:
+            if b % world_size == rank and n and not run.finished(b, start, n):
                 feats = self.extract(images, start=start)
                 tensors = ({"features": feats} if isinstance(feats, Tensor) else
                            {f"{name}/t{t}": v for name, per_t in feats.items() for t, v in per_t.items()})
@@ -664,24 +733,17 @@ class FeatureExtractor:
                 tensors["index"] = torch.arange(start, start + n)
                 if labels is not None:
                     tensors["labels"] = torch.as_tensor(labels).cpu().contiguous()
-                name = f"shard-r{rank:03d}-{b:06d}.safetensors"
-                save_file(tensors, str(folder / name))
-                shards.append({"file": name, "start": start, "count": n})
+                run.write_shard(b, start, n, tensors)
             start += n
-        meta = {"layers": self.layers, "timesteps": self.timesteps, "ensemble": self.ensemble,
-                "seed": self.seed, "pool": self.pool, "concat": self.concat,
-                "upsample_to": self.upsample_to, "noise_per_timestep": self.noise_per_timestep,
-                "model": type(self.model).__name__, "num_images": start, "rank": rank,
-                "world_size": world_size, "shards": shards}
-        (folder / f"index-rank{rank}.json").write_text(json.dumps(meta, indent=1))
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        run.finish(start)
+        if grouped:
+            dist.barrier()
             if rank == 0:
-                merge_index(folder)
-            torch.distributed.barrier()
+                merge_index(run.folder)
+            dist.barrier()
         elif world_size == 1:
-            merge_index(folder)
-        return folder
+            merge_index(run.folder)
+        return run.folder
 
     # ---- export --------------------------------------------------------------------------------
 
@@ -702,8 +764,6 @@ class FeatureExtractor:
         a conditional model. Outputs: one per layer named as the layer, (N, T, ...) stacked over the
         timesteps in order, or ``features`` with concat. Rows are not chunked inside the graph.
         """
-        import onnx
-
         from fastdiff import ops
         from fastdiff.export.onnx import check_standard_onnx, translation_table
 
@@ -712,6 +772,7 @@ class FeatureExtractor:
         if isinstance(example_batch, bool) or not isinstance(example_batch, int) or example_batch < 2:
             raise ValueError(f"example_batch must be an int >= 2 (a batch of 1 would fix the size), "
                              f"got {example_batch!r}")
+        path = check_output_path(path, "path")  # before the export's work
         graph = _ExtractionGraph(self).eval()
         shape = tuple(self.model.example_inputs(1)["x"].shape[1:])
         mdtype = self._param_dtype()
@@ -741,8 +802,7 @@ class FeatureExtractor:
              "pool": self.pool, "concat": self.concat, "upsample_to": self.upsample_to,
              "noise_per_timestep": self.noise_per_timestep, "model": type(self.model).__name__})
         check_standard_onnx(proto)
-        path = os.fspath(path)
-        onnx.save_model(proto, path)
+        write_bytes(path, proto.SerializeToString(), argument="path")
         return path
 
 
@@ -797,41 +857,29 @@ class _ExtractionGraph(nn.Module):
         return tuple(out[name] for name in fx.layers)
 
 
+@torch.no_grad()
+def _weights_fingerprint(model: nn.Module) -> str:
+    """A hash of every parameter's and buffer's name, shape, dtype, float64 sum and L2 norm: two checkpoints
+    of one architecture differ here (one pass over the weights, no copy)."""
+    names, stats = [], []
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        names.append(f"{name}:{tuple(t.shape)}:{t.dtype}")
+        if t.numel() and t.is_floating_point():
+            stats.append(torch.stack([t.sum(dtype=torch.float64).real,
+                                      torch.linalg.vector_norm(t, dtype=torch.float64)]).cpu())
+        elif t.numel():
+            stats.append(torch.stack([t.sum(dtype=torch.float64), t.abs().sum(dtype=torch.float64)]).cpu())
+    values = torch.cat(stats).tolist() if stats else []
+    blob = "|".join(names) + "|" + ",".join(f"{v:.9e}" for v in values)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def _needs_labels(fx: FeatureExtractor) -> bool:
     try:
         fx.null_label()
     except ValueError:
         return True
     return False
-
-
-def merge_index(folder: Union[str, os.PathLike]) -> dict:
-    """Merge every ``index-rank*.json`` of ``folder`` into ``index.json`` (shards sorted by start)."""
-    folder = Path(folder)
-    parts = sorted(folder.glob("index-rank*.json"))
-    if not parts:
-        raise ValueError(f"folder {str(folder)!r} has no index-rank*.json")
-    metas = [json.loads(p.read_text()) for p in parts]
-    merged = {k: v for k, v in metas[0].items() if k not in ("rank", "shards")}
-    merged["num_images"] = max(m["num_images"] for m in metas)
-    merged["shards"] = sorted((s for m in metas for s in m["shards"]), key=lambda s: s["start"])
-    (folder / "index.json").write_text(json.dumps(merged, indent=1))
-    return merged
-
-
-def load_features(folder: Union[str, os.PathLike]) -> dict[str, Tensor]:
-    """Every shard of a feature folder concatenated in stream order: ``{key: tensor}`` (with "index",
-    and "labels" when stored). Merges the per-rank indexes first when ``index.json`` is missing."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    index_path = folder / "index.json"
-    meta = json.loads(index_path.read_text()) if index_path.exists() else merge_index(folder)
-    chunks: dict[str, list] = {}
-    for shard in meta["shards"]:
-        for k, v in load_file(str(folder / shard["file"])).items():
-            chunks.setdefault(k, []).append(v)
-    return {k: torch.cat(v) for k, v in chunks.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -878,7 +926,12 @@ def add_features_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--input", required=True,
                         help="a folder of images (png/jpg, scaled to [-1, 1]) or 'digits' (the held-out "
                              "quarter of scikit-learn's digits)")
-    parser.add_argument("--out", required=True, help="output folder for the shards and index.json")
+    parser.add_argument("--out", required=True, help="output folder for the shards and index.json (its parent "
+                        "must exist)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the feature run already in --out (its files are removed first)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out (identical settings), keeping its finished shards")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default=None)
     parser.add_argument("--layers", default=None, help="comma-separated layer names")
     parser.add_argument("--timesteps", default=None, help="comma-separated integer timesteps")
@@ -923,15 +976,11 @@ def _model_for_cli(args):
         return load_digits_model(args.checkpoint), None
     if args.model not in PRESETS:
         raise ValueError(f"--model: unknown model {args.model!r}; use 'digits' or a preset name")
-    model = preset(args.model)
     if args.checkpoint:
-        if args.checkpoint.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            sd = load_file(args.checkpoint)
-        else:
-            sd = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(sd, strict=True)
-    return model, None
+        from fastdiff.models import load
+
+        return load(args.model, args.checkpoint), None
+    return preset(args.model), None
 
 
 def _image_geometry(model: nn.Module) -> tuple[int, int]:
@@ -943,14 +992,36 @@ def _image_geometry(model: nn.Module) -> tuple[int, int]:
     raise ValueError("--model: cannot tell the model's image size and channels")
 
 
+def _join_torchrun(device: str, timeout_s: float = 600.0) -> bool:
+    """Under torchrun (WORLD_SIZE > 1) join its process group, so that rank 0 decides which run the folder
+    holds and merges the index; True when this call created the group. Peers that never come end in
+    torch's timeout error after ``timeout_s``, not a hang."""
+    import datetime
+
+    dist = torch.distributed
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    backend = "nccl" if str(device).startswith("cuda") and torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return True
+
+
 def features_command(args) -> int:
     """``fastdiff features``: stream features of a folder of images (or the digits) to --out.
 
-    Under ``torchrun`` each rank extracts every WORLD_SIZE-th shard and writes its own index; the index
-    of all is merged by rank 0 (with torch.distributed initialised) or on first :func:`load_features`.
+    Under ``torchrun`` the ranks join one process group; rank 0 decides which run the folder holds
+    (``--overwrite`` / ``--resume``), each rank extracts every WORLD_SIZE-th shard and writes its own index,
+    and rank 0 merges them into ``index.json``.
     """
     from fastdiff.schedules import VPSchedule
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out: {args.out!r} exists and is not a folder")
+    if not out.resolve().parent.is_dir():
+        raise FileNotFoundError(f"--out: the parent folder of {args.out!r} does not exist (create it first)")
     model, schedule = _model_for_cli(args)
     net = model if isinstance(model, nn.Module) else model.model
     device = args.device
@@ -983,6 +1054,11 @@ def features_command(args) -> int:
     k = args.images_per_shard
     batches = [(images[i:i + k], labels[i:i + k]) if labels is not None else images[i:i + k]
                for i in range(0, images.shape[0], k)]
-    folder = fx.extract_to(args.out, batches, progress=True)
+    created = _join_torchrun(device)
+    try:
+        folder = fx.extract_to(args.out, batches, progress=True, overwrite=args.overwrite, resume=args.resume)
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()
     print(f"wrote features of {images.shape[0]} images to {folder} ({math.ceil(images.shape[0] / k)} shards)")
     return 0

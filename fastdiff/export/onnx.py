@@ -38,7 +38,9 @@ import torch
 from torch import Tensor, nn
 
 from fastdiff import ops
+from fastdiff.io import check_output_path
 from fastdiff.model_cache import run_copy
+from fastdiff.models.common import label_table_size
 from fastdiff.samplers import (
     COL_A,
     COL_B0,
@@ -346,7 +348,9 @@ def _export(module: nn.Module, args: tuple, kwargs: dict, path, *, input_names, 
             opset: int, metadata: dict, group_norm: str, attention: str, external_data: Optional[bool]):
     import onnx
 
-    path = os.fspath(path)
+    from fastdiff.io import atomic_files
+
+    path = check_output_path(path, "path")
     table = translation_table(opset, group_norm=group_norm, attention=attention)
     with torch.no_grad(), ops.backend("reference"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -360,8 +364,11 @@ def _export(module: nn.Module, args: tuple, kwargs: dict, path, *, input_names, 
     # the graph is checked before anything is written; weights above ~2 GB (protobuf's limit) or when
     # asked go to path + ".data" (the exporter's own large-model rule decides when external_data is None)
     check_standard_onnx(_graph_only_proto(program.model))
-    program.save(path, external_data=bool(external_data))
-    onnx.checker.check_model(path, full_check=True)
+    # written and checked in a staging folder under the final names (the graph names its data file
+    # relative to itself), then moved into place: a failed save or check leaves the old files intact
+    with atomic_files(path, argument="path") as staged:
+        program.save(staged, external_data=bool(external_data))
+        onnx.checker.check_model(staged, full_check=True)
     return path
 
 
@@ -444,6 +451,7 @@ def _model_metadata(model: nn.Module, denoiser, x: Tensor, label_key, batch, dyn
         "batch": None if dynamic_batch else batch,
         "conditional": label_key is not None,
         "num_classes": _num_classes(model),
+        "num_labels": label_table_size(model) if label_key is not None else None,  # valid labels: 0 .. n - 1
         "y_null": default_y_null(model, denoiser),
     }
     if denoiser is not None:
@@ -475,6 +483,7 @@ def to_onnx(model_or_denoiser, path, example_batch: int = 2, dynamic_batch: bool
     """
     opset = _check_opset(opset)
     batch = _check_batch(example_batch)
+    path = check_output_path(path, "path")  # a missing folder fails here, before the export's work
     model, denoiser = _split(model_or_denoiser)
     model = run_copy(model, eval=True)  # tracing runs in eval mode: a cached eval copy if yours is not
     x, t, label_key, y = _example_inputs(model, batch, input_shape)
@@ -540,6 +549,7 @@ def step_to_onnx(denoiser, sampler, path, *, guidance: Optional[bool] = None, y_
         raise ValueError(f"frame must be 'sigma' or 'vp', got {frame!r}")
     opset = _check_opset(opset)
     batch = _check_batch(example_batch)
+    path = check_output_path(path, "path")  # a missing folder fails here, before the export's work
     model, _ = _split(denoiser)
     model = run_copy(model, eval=True)  # tracing runs in eval mode: a cached eval copy if yours is not
     options = dict(sampler_options or {})
