@@ -68,6 +68,6 @@ EXPECTED = {
     "unet_2d": {"ResnetBlock2D": 12, "AttnProcessor2_0": 6, "UNet2DModel": 1},
     "unet_2d_scale_shift": {"ResnetBlock2D": 12, "AttnProcessor2_0": 6, "UNet2DModel": 1},
     "unet_sd15": {"ResnetBlock2D": 12, "AttnProcessor2_0": 12, "Transformer2DModel": 6, "UNet2DConditionModel": 1},
-    "unet_sdxl": {"ResnetBlock2D": 12, "AttnProcessor2_0": 22, "Transformer2DModel": 6, "UNet2DConditionModel": 1},
+    "unet_sdxl": {"ResnetBlock2D": 12, "AttnProcessor2_0": 24, "Transformer2DModel": 6, "UNet2DConditionModel": 1},
     "vae": {"ResnetBlock2D": 10, "AttnProcessor2_0": 2, "Encoder": 1, "Decoder": 1},
 }

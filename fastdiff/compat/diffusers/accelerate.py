@@ -285,15 +285,20 @@ def _set_attr(obj, name: str, value) -> Callable[[], None]:
     return undo
 
 
+def _cast_tensor(value, dtype: torch.dtype):
+    return value.to(dtype) if isinstance(value, Tensor) and value.is_floating_point() else value
+
+
 class CastingCall:
     """A model entry point that casts floating tensor inputs (except ``timestep``, whose value must not be
-    rounded) to the model's dtype and floating outputs back to the dtype of the inputs."""
+    rounded) to the model's dtype and floating outputs back to the dtype of the inputs. ``cast_leaf(value,
+    dtype)`` casts one output leaf (default: tensors only; the VAE's also rebuilds its latent distribution)."""
 
-    def __init__(self, fn: Callable, dtype: torch.dtype):
+    def __init__(self, fn: Callable, dtype: torch.dtype, cast_leaf: Callable = _cast_tensor):
         import functools
         import inspect
 
-        self.fn, self.dtype = fn, dtype
+        self.fn, self.dtype, self.cast_leaf = fn, dtype, cast_leaf
         self.signature = inspect.signature(fn)
         functools.update_wrapper(self, fn)
         self.__signature__ = self.signature
@@ -308,11 +313,9 @@ class CastingCall:
         if all(t.dtype == self.dtype for t in floats):
             return self.fn(*args, **kwargs)
         in_dtype = floats[0].dtype
-        cast = pytree.tree_map_only(Tensor, lambda t: t.to(self.dtype) if t.is_floating_point() else t, arguments)
-        bound.arguments.update(cast)
+        bound.arguments.update(pytree.tree_map(lambda v: _cast_tensor(v, self.dtype), arguments))
         out = self.fn(*bound.args, **bound.kwargs)
-        return pytree.tree_map_only(
-            Tensor, lambda t: t.to(in_dtype) if t.is_floating_point() and t.dtype == self.dtype else t, out)
+        return pytree.tree_map(lambda v: self.cast_leaf(v, in_dtype), out)
 
 
 def _compile_scope(model: nn.Module, compile) -> Optional[str]:
@@ -442,7 +445,7 @@ def _apply(report, obj, components, denoiser, denoiser_name, plan, new_scheduler
            use_graph, compile, compile_options, threads) -> None:
     from diffusers import AutoencoderKL
 
-    from fastdiff.compat.diffusers.patches_vae import VAE_METHODS
+    from fastdiff.compat.diffusers.patches_vae import VAE_METHODS, cast_vae_output
 
     changed_dtype = {}
     for name, comp in components:
@@ -478,7 +481,8 @@ def _apply(report, obj, components, denoiser, denoiser_name, plan, new_scheduler
                            compile_scope=_compile_scope(comp, compile), compile_options=compile_options)
         elif cast is not None and isinstance(comp, AutoencoderKL):
             for method in VAE_METHODS:
-                report._undo.append(_set_attr(comp, method, CastingCall(getattr(comp, method), cast)))
+                wrapped = CastingCall(getattr(comp, method), cast, cast_vae_output)
+                report._undo.append(_set_attr(comp, method, wrapped))
     if threads is not None:
         previous = torch.get_num_threads()
         torch.set_num_threads(cpu_threads(threads))
