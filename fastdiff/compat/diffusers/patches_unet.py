@@ -49,26 +49,12 @@ ATTN_PROCESSOR_2_0_CALL = {
 }
 
 
-def _pre_shift_supported() -> bool:
-    import inspect
-
-    return "pre_shift" in inspect.signature(ops.group_norm_modulate).parameters
-
-
-_PRE_SHIFT = _pre_shift_supported()
-
-
 def group_norm(norm: nn.GroupNorm, x: Tensor, activation: Optional[str] = None, *, scale: Optional[Tensor] = None,
                shift: Optional[Tensor] = None, pre_shift: Optional[Tensor] = None) -> Tensor:
     """``act(norm(x + pre_shift) * (1 + scale) + shift)`` as one ``fd.ops.group_norm_modulate`` call, with the
     GroupNorm module's groups, affine parameters and eps; scale / shift / pre_shift are (N, C) or None."""
-    if pre_shift is not None:
-        if _PRE_SHIFT:
-            return ops.group_norm_modulate(x, norm.num_groups, norm.weight, norm.bias, scale=scale, shift=shift,
-                                           eps=norm.eps, activation=activation, pre_shift=pre_shift)
-        x = x + pre_shift[(...,) + (None,) * (x.dim() - 2)]
     return ops.group_norm_modulate(x, norm.num_groups, norm.weight, norm.bias, scale=scale, shift=shift,
-                                   eps=norm.eps, activation=activation)
+                                   eps=norm.eps, activation=activation, pre_shift=pre_shift)
 
 
 def _is_plain(module, cls) -> bool:
