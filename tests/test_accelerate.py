@@ -65,13 +65,17 @@ def run(model, fn):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_float32_patched_matches_unpatched_and_report_lists_every_module(name):
+def test_float32_patched_matches_unpatched_and_report_lists_every_module(name, channels_last):
     model, fn = MODELS[name]()
     ref = run(model, fn)
-    report = accelerate(model, dtype=torch.float32)
+    if channels_last:  # against diffusers in the same layout
+        ref_cl = run(copy.deepcopy(model).to(memory_format=torch.channels_last), fn)
+        assert rel_l2(ref_cl, ref) <= 1e-5
+    report = accelerate(model, dtype=torch.float32, channels_last=channels_last)
     out = run(model, fn)
-    assert rel_l2(out, ref) <= 1e-5
+    assert rel_l2(out, ref_cl if channels_last else ref) <= 1e-5
     assert {k: len(v) for k, v in report.patched.items()} == EXPECTED[name]
     assert report.skipped == []
     assert report.dtype == torch.float32 and report.memory_kept == 0

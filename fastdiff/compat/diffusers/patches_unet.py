@@ -18,6 +18,7 @@ order, except the GroupNorm / SiLU pairs that become one op.
 
 from __future__ import annotations
 
+import types
 from typing import Callable, Optional
 
 import torch
@@ -46,6 +47,9 @@ RESNET_BLOCK_2D_FORWARD = {
 }
 ATTN_PROCESSOR_2_0_CALL = {
     "4aa14ef70e28d5dd": "0.30.0-0.42.1",
+}
+TRANSFORMER_2D_OUTPUT = {  # Transformer2DModel._get_output_for_continuous_inputs (0.28 split it out)
+    "464105b0cec3b79c": "0.28.0-0.42.1",
 }
 
 
@@ -105,7 +109,17 @@ def resnet_block_2d_forward(self: ResnetBlock2D, input_tensor: Tensor, temb: Opt
         if self.training:
             input_tensor = input_tensor.contiguous()
         input_tensor = self.conv_shortcut(input_tensor)
-    return (input_tensor + h) / self.output_scale_factor
+    return _residual(h, input_tensor, self.output_scale_factor)
+
+
+def _residual(out: Tensor, residual: Tensor, factor: float = 1.0) -> Tensor:
+    """``(residual + out) / factor`` with ``out`` a fresh activation that nobody else holds: added in place, and
+    the division (a whole pass over the activation for diffusers' usual factor 1) skipped when the factor is 1.
+    The same values bit for bit: IEEE addition commutes and x / 1 is x."""
+    if out.shape != residual.shape or out.dtype != residual.dtype:
+        return (residual + out) / factor  # a broadcast or a promotion: diffusers' own expression
+    out = out.add_(residual)
+    return out if factor == 1 else out / factor
 
 
 class ResnetBlock2DPatch(ModulePatch):
@@ -195,8 +209,8 @@ class FastdiffAttnProcessor:
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
         if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+            return _residual(hidden_states, residual, attn.rescale_output_factor)
+        return hidden_states if attn.rescale_output_factor == 1 else hidden_states / attn.rescale_output_factor
 
 
 class AttentionPatch(ModulePatch):
@@ -285,23 +299,50 @@ class NormActPatch(ModulePatch):
         return undo
 
 
+def transformer_2d_output(self: Transformer2DModel, hidden_states: Tensor, residual: Tensor, batch_size: int,
+                          height: int, width: int, inner_dim: int) -> Tensor:
+    """Transformer2DModel._get_output_for_continuous_inputs keeping the block's memory format: where the input
+    (``residual``) is channels_last, the tokens (B, H*W, C) already are channels_last memory, so diffusers'
+    ``.contiguous()`` (an NCHW copy, then converted back by the next channels_last convolution) is skipped; the
+    residual is added in place."""
+    fmt = torch.contiguous_format
+    if residual.is_contiguous(memory_format=torch.channels_last) and not residual.is_contiguous():
+        fmt = torch.channels_last
+    if not self.use_linear_projection:
+        hidden_states = hidden_states.reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2)
+        hidden_states = self.proj_out(hidden_states.contiguous(memory_format=fmt))  # (B, C, H, W)
+    else:
+        hidden_states = self.proj_out(hidden_states)  # (B, H*W, C)
+        hidden_states = hidden_states.reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2)
+        hidden_states = hidden_states.contiguous(memory_format=fmt)
+    return _residual(hidden_states, residual)
+
+
 class Transformer2DModelPatch(ModulePatch):
-    """A spatial transformer's input ``norm`` (GroupNorm, no activation) as ``group_norm_modulate``: the same
-    function wherever it is called, so no code check is needed beyond the module types."""
+    """A U-Net's spatial transformer: its input ``norm`` (GroupNorm, no activation) as ``group_norm_modulate``
+    (the same function wherever it is called), and its output keeping channels_last
+    (:func:`transformer_2d_output`)."""
 
     target = Transformer2DModel
-    checked = {}
+    checked = {"_get_output_for_continuous_inputs": TRANSFORMER_2D_OUTPUT}
 
     def check_structure(self, model: Transformer2DModel) -> Optional[str]:
         norm = getattr(model, "norm", None)
         if not _is_plain(norm, nn.GroupNorm):
             return f"norm is {type(norm).__name__}, not torch.nn.GroupNorm (only continuous inputs are patched)"
-        if "forward" in norm.__dict__:
-            return "norm's forward was replaced on the instance"
+        if "forward" in norm.__dict__ or "_get_output_for_continuous_inputs" in model.__dict__:
+            return "norm's forward or _get_output_for_continuous_inputs was replaced on the instance"
         return None
 
     def apply(self, model: Transformer2DModel) -> Callable[[], None]:
-        return swap_forward(model.norm, _group_norm_forward)
+        undo_norm = swap_forward(model.norm, _group_norm_forward)
+        model._get_output_for_continuous_inputs = types.MethodType(transformer_2d_output, model)
+
+        def undo():
+            model.__dict__.pop("_get_output_for_continuous_inputs", None)
+            undo_norm()
+
+        return undo
 
 
 UNET_PATCHES = (ResnetBlock2DPatch(), AttentionPatch(), Transformer2DModelPatch(), NormActPatch(UNet2DModel),
