@@ -360,9 +360,10 @@ def _install_entry(report: AccelerateReport, path: str, model: nn.Module, *, cas
         report._undo.append(undo)
         report.compiled[path] = f"regional ({count} blocks)"
     if graph:
-        fn = CudaGraphForward(fn, name=path or type(model).__name__)
-        fn.failures = report.skipped
+        fn = graphs = CudaGraphForward(fn, name=path or type(model).__name__)
+        graphs.failures = report.skipped
         report.cuda_graph.append(path)
+        report._undo.append(graphs.clear)  # frees the graphs' memory when undone
     if cast is not None:
         fn = CastingCall(fn, cast)
     if fn is not model.forward:

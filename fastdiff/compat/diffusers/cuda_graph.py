@@ -3,12 +3,13 @@ loop (``noise_pred = self.unet(latents, t, ...)``) runs unchanged while each ste
 
 :class:`CudaGraphForward` wraps a forward. Each call's arguments are bound to the forward's signature and
 flattened (``torch.utils._pytree``: tuples, lists, dicts such as ``added_cond_kwargs``); the bucket key is the
-tree structure, every tensor's shape, dtype and device, and every other value (``return_dict``,
-``cross_attention_kwargs``). The second call of a bucket captures it (PyTorch's recipe: a warm-up call on a side
-stream, where cuDNN / Triton autotuning and lazy initialisation happen, then ``torch.cuda.graph``), with static
-input buffers; every later call copies its tensors into those buffers, replays, and returns clones of the static
-outputs (a scheduler may keep the model output of an earlier step, e.g. PNDM, so outputs must not be
-overwritten by the next replay). All graphs of one wrapper share one memory pool.
+tree structure, every tensor's shape, dtype and device, every other value (``return_dict``,
+``cross_attention_kwargs``) and the autocast setting. The second call of a bucket captures it (PyTorch's recipe:
+a warm-up call on a side stream, where cuDNN / Triton autotuning and lazy initialisation happen, then
+``torch.cuda.graph``), with static input buffers; every later call copies its tensors into those buffers,
+replays, and returns clones of the static outputs (a scheduler may keep the model output of an earlier step,
+e.g. PNDM, so outputs must not be overwritten by the next replay). All graphs of one wrapper share one memory
+pool.
 
 Calls that are not captured run the forward eagerly: autograd enabled (training, guidance by gradient), a
 ``timestep`` that is not a tensor (a Python number would make one bucket per value), unhashable arguments, a
@@ -48,6 +49,13 @@ def cuda_capture(call: Callable[[], object], pool, warmup: int = 1):
     with torch.cuda.graph(graph, pool=pool):
         static_out = call()
     return static_out, graph.replay
+
+
+def _autocast_state(device: torch.device) -> tuple:
+    """Autocast is recorded into a graph: a call under another autocast setting is another bucket."""
+    if not torch.is_autocast_enabled(device.type):
+        return ()
+    return (torch.get_autocast_dtype(device.type),)
 
 
 class _Bucket:
@@ -105,8 +113,8 @@ class CudaGraphForward:
                       None)
         if device is None:
             return self.fn(*args, **kwargs)
-        key = (spec, tuple((tuple(t.shape), t.dtype, t.device) if isinstance(t, Tensor) else (type(t), t)
-                           for t in leaves))
+        key = (spec, _autocast_state(device), tuple((tuple(t.shape), t.dtype, t.device) if isinstance(t, Tensor)
+                                                    else (type(t), t) for t in leaves))
         try:
             bucket = self.buckets.get(key)
         except TypeError:  # an unhashable argument
