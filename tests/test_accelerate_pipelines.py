@@ -10,7 +10,6 @@ from diffusers import (
     DDPMPipeline,
     DDPMScheduler,
     EulerDiscreteScheduler,
-    PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
@@ -111,18 +110,39 @@ def test_pipeline_in_bfloat16_is_as_close_as_diffusers_bfloat16():
     report.undo()
 
 
+class MyScheduler(DDIMScheduler):
+    """A scheduler class fastdiff has no drop-in for (a user's own, or a diffusers one not covered yet)."""
+
+
 def test_scheduler_without_a_drop_in_is_reported_and_kept():
-    pipe, kw = sd_pipeline(PNDMScheduler(**SD_BETAS, skip_prk_steps=True))
+    pipe, kw = sd_pipeline(MyScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False))
     ref = images(pipe, kw)
     scheduler = pipe.scheduler
     report = accelerate(pipe, dtype=torch.float32)
     assert pipe.scheduler is scheduler
-    assert report.skipped == [("scheduler", "no fastdiff drop-in for PNDMScheduler yet; the pipeline keeps "
+    assert report.skipped == [("scheduler", "no fastdiff drop-in for MyScheduler yet; the pipeline keeps "
                                             "diffusers' scheduler")]
     assert np.abs(images(pipe, kw) - ref).max() <= 1e-5
     report.undo()
-    with pytest.raises(AccelerateError, match="PNDMScheduler"):
+    with pytest.raises(AccelerateError, match="MyScheduler"):
         accelerate(pipe, dtype=torch.float32, strict=True)
+
+
+@pytest.mark.parametrize("name", ["PNDMScheduler", "EulerAncestralDiscreteScheduler", "UniPCMultistepScheduler"])
+def test_scheduler_swap_is_by_class_name(name):
+    """Whatever drop-ins the package has: swapped when fastdiff.compat.diffusers has the class, else reported."""
+    import diffusers
+
+    import fastdiff.compat.diffusers as fdd
+
+    pipe, kw = sd_pipeline(getattr(diffusers, name)(**SD_BETAS))
+    report = accelerate(pipe, dtype=torch.float32)
+    if isinstance(getattr(fdd, name, None), type):
+        assert type(pipe.scheduler) is getattr(fdd, name) and report.patched[name] == ["scheduler"]
+    else:
+        assert report.skipped == [("scheduler", f"no fastdiff drop-in for {name} yet; the pipeline keeps "
+                                                "diffusers' scheduler")]
+    report.undo()
 
 
 def test_scheduler_config_the_drop_in_does_not_take_is_reported():
