@@ -145,13 +145,23 @@ def test_scheduler_swap_is_by_class_name(name):
     report.undo()
 
 
-def test_scheduler_config_the_drop_in_does_not_take_is_reported():
-    pipe, _ = sd_pipeline(DDIMScheduler(set_alpha_to_one=False))  # steps_offset 0: its last step cannot be taken
+@pytest.mark.parametrize("where", ["set_timesteps", "step"])
+def test_scheduler_config_the_drop_in_does_not_take_is_reported(where, monkeypatch):
+    """A config the drop-in refuses (at set_timesteps, or at the first step's table) keeps diffusers' scheduler."""
+    import fastdiff.compat.diffusers as fdd
+
+    def refuse(self, *args, **kwargs):
+        torch.randn(3)  # a stochastic probe must not move the caller's generator
+        raise NotImplementedError("this option is not supported")
+
+    monkeypatch.setattr(fdd.DDIMScheduler, where, refuse)
+    pipe, _ = sd_pipeline(DDIMScheduler(**SD_BETAS))
     rng = torch.get_rng_state()
     report = accelerate(pipe, dtype=torch.float32)
-    assert torch.equal(torch.get_rng_state(), rng)  # the probe steps leave the caller's generator alone
+    assert torch.equal(torch.get_rng_state(), rng)
     assert type(pipe.scheduler).__module__.startswith("diffusers")
-    assert report.skipped[0][0] == "scheduler" and "does not take this config" in report.skipped[0][1]
+    assert report.skipped == [("scheduler", "fastdiff's DDIMScheduler does not take this config: this option is "
+                                            "not supported")]
     report.undo()
 
 
