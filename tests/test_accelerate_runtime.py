@@ -174,6 +174,9 @@ def test_casting_call_casts_inputs_but_not_the_timestep_and_casts_outputs_back()
     call(torch.ones(2, dtype=torch.bfloat16), torch.tensor(1.0), cond={"a": torch.ones(1, dtype=torch.bfloat16),
                                                                          "ids": torch.arange(3)})
     assert seen["sample"] == torch.bfloat16
+    CastingCall(forward, torch.bfloat16, keep=("timestep", "cond"))(  # e.g. Flux's float position ids
+        torch.ones(2), torch.tensor(1.0), cond={"a": torch.ones(1), "ids": torch.arange(3)})
+    assert seen["sample"] == torch.bfloat16 and seen["cond"] == torch.float32
 
 
 def test_bare_vae_in_bfloat16_takes_and_returns_float32():

@@ -290,15 +290,17 @@ def _cast_tensor(value, dtype: torch.dtype):
 
 
 class CastingCall:
-    """A model entry point that casts floating tensor inputs (except ``timestep``, whose value must not be
-    rounded) to the model's dtype and floating outputs back to the dtype of the inputs. ``cast_leaf(value,
-    dtype)`` casts one output leaf (default: tensors only; the VAE's also rebuilds its latent distribution)."""
+    """A model entry point that casts floating tensor inputs to the model's dtype (except the arguments named in
+    ``keep``: a timestep's value must not be rounded) and floating outputs back to the dtype of the inputs.
+    ``cast_leaf(value, dtype)`` casts one output leaf (default: tensors only; the VAE's also rebuilds its latent
+    distribution)."""
 
-    def __init__(self, fn: Callable, dtype: torch.dtype, cast_leaf: Callable = _cast_tensor):
+    def __init__(self, fn: Callable, dtype: torch.dtype, cast_leaf: Callable = _cast_tensor,
+                 keep: tuple = ("timestep",)):
         import functools
         import inspect
 
-        self.fn, self.dtype, self.cast_leaf = fn, dtype, cast_leaf
+        self.fn, self.dtype, self.cast_leaf, self.keep = fn, dtype, cast_leaf, tuple(keep)
         self.signature = inspect.signature(fn)
         functools.update_wrapper(self, fn)
         self.__signature__ = self.signature
@@ -308,7 +310,7 @@ class CastingCall:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError:
             return self.fn(*args, **kwargs)
-        arguments = {k: v for k, v in bound.arguments.items() if k != "timestep"}
+        arguments = {k: v for k, v in bound.arguments.items() if k not in self.keep}
         floats = [t for t in pytree.tree_leaves(arguments) if isinstance(t, Tensor) and t.is_floating_point()]
         if all(t.dtype == self.dtype for t in floats):
             return self.fn(*args, **kwargs)

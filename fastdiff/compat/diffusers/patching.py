@@ -16,6 +16,17 @@ A patch is one small class, named after the diffusers class it replaces (``Resne
 Patches change instances only: a forward is swapped by setting the instance attribute ``forward``
 (:func:`swap_forward`, undone by deleting it), so the class, the module tree, the parameters and the
 ``state_dict`` keys stay what they were.
+
+Adding a patch (for example a diffusion transformer's block): write the fused forward as a function of the
+module (``def basic_transformer_block_forward(self, hidden_states, ...)``) that calls the same submodules in
+the same order as the diffusers forward it mirrors, except where it fuses; a ``ModulePatch`` subclass named
+after the class (``BasicTransformerBlockPatch``) with ``target``, ``checked`` (digests from
+:func:`code_digest` of that forward, for the releases read; :func:`node_digest` computes them from a release's
+source file), ``check_structure`` (the submodule types and attributes the fused forward assumes, hooks it
+bypasses: return the reason when they do not hold) and ``apply`` (``swap_forward`` or a processor swap,
+returning the undo); then add an instance to the tuple ``accelerate._patches()`` returns (a module
+``patches_transformer.py`` with ``TRANSFORMER_PATCHES``, as ``patches_unet.UNET_PATCHES``). The tests compare the
+patched model with the unpatched one in float32 and check the report and the undo.
 """
 
 from __future__ import annotations
