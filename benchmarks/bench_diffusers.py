@@ -5,7 +5,8 @@ interleaved (A B C ... A B C ...) ``--repeats`` times after one timed warm-up ca
 median seconds per call, images/s, ms per denoising step (call time / steps: the scheduler and any decode
 included), the warm-up call's seconds (compilation, CUDA-graph capture, autotuning) and, on the CPU, the share
 of profiled time outside convolutions and matrix products (attention included with the matrix products): the
-part fusion can shorten.
+part fusion can shorten (under torch.compile, inductor's generated kernels count as outside: they are the fused
+elementwise and norm work).
 
 - ``diffusers-fp32`` (CPU): the pipeline as built, float32, diffusers' defaults;
 - ``diffusers-bf16``: hand-tuned diffusers: ``pipe.to(torch.bfloat16)``, the U-Net and VAE channels_last,
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import os
 import statistics
@@ -245,9 +247,13 @@ def fd_sample_rows(pipe, steps: int, batch: int, device, args) -> dict:
     den = fastdiff.Denoiser(model.to(device).eval(), VPSchedule("linear", 1000))
     shape = (batch, cfg["in_channels"], cfg["sample_size"], cfg["sample_size"])
 
+    same = {}
+    if "threads" in inspect.signature(fastdiff.sample).parameters:  # every row on the same thread count
+        same["threads"] = torch.get_num_threads()
+
     def runner(**kw):
         return lambda: fastdiff.sample(den, shape, sampler="ddim", steps=steps, device=device, progress=False,
-                                       spacing="leading", **kw)
+                                       spacing="leading", **same, **kw)
 
     rows = {"fd.sample": runner()}
     if not args.no_compile:
