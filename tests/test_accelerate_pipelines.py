@@ -165,6 +165,15 @@ def test_scheduler_config_the_drop_in_does_not_take_is_reported(where, monkeypat
     report.undo()
 
 
+def test_a_model_of_an_accelerated_pipeline_is_accelerated_already():
+    pipe, _ = ddpm_pipeline()
+    report = accelerate(pipe, dtype=torch.float32)
+    with pytest.raises(ValueError, match="UNet2DModel is accelerated already"):
+        accelerate(pipe.unet, dtype=torch.float32)
+    report.undo()
+    accelerate(pipe.unet, dtype=torch.float32).undo()
+
+
 def test_scheduler_false_keeps_diffusers_scheduler():
     pipe, _ = ddpm_pipeline()
     scheduler = pipe.scheduler

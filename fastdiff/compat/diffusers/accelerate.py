@@ -86,20 +86,19 @@ class AccelerateReport:
     compiled: dict = field(default_factory=dict)
     threads: Optional[int] = None
     _undo: list = field(default_factory=list, repr=False)
-    _target: object = field(default=None, repr=False)
+    _targets: list = field(default_factory=list, repr=False)
 
     @property
     def undone(self) -> bool:
-        return self._target is None
+        return not self._targets
 
     def undo(self) -> None:
         """Restore the original modules, processors, weights, scheduler and settings (a second call does
         nothing). Call it before moving or converting the pipeline yourself."""
         while self._undo:
             self._undo.pop()()
-        if self._target is not None:
-            _ACTIVE.pop(self._target, None)
-            self._target = None
+        while self._targets:
+            _ACTIVE.pop(self._targets.pop(), None)
 
     def __str__(self) -> str:
         lines = [f"fastdiff.accelerate: dtype {str(self.dtype).replace('torch.', '')}, "
@@ -433,14 +432,17 @@ def accelerate(obj, *, dtype=None, channels_last: Optional[bool] = None, cuda_gr
         raise AccelerateError("fastdiff.accelerate(strict=True): cannot accelerate\n"
                               + "\n".join(f"  {p or '<model>'}: {r}" for p, r in skipped))
 
-    report = AccelerateReport(skipped=skipped, dtype=dtype, _target=obj)
+    report = AccelerateReport(skipped=skipped, dtype=dtype)
     try:
         _apply(report, obj, components, denoiser, denoiser_name, plan, new_scheduler, device, dtype,
                channels_last, use_graph, compile, compile_options, threads)
     except BaseException:
         report.undo()
         raise
-    _ACTIVE[obj] = report
+    for target in [obj] + [m for _, m in components]:  # the pipeline and each of its models
+        if target not in _ACTIVE:
+            _ACTIVE[target] = report
+            report._targets.append(target)
     return report
 
 
