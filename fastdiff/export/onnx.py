@@ -93,10 +93,13 @@ def translation_table(opset: int = DEFAULT_OPSET, group_norm: str = "instance_no
     def first(out):
         return out[0] if isinstance(out, (tuple, list)) else out
 
-    def group_norm_modulate(x, num_groups: int, weight=None, bias=None, scale=None, shift=None,
+    def group_norm_modulate(x, num_groups: int, weight=None, bias=None, scale=None, shift=None, pre_shift=None,
                             eps: float = 1e-5, activation: Optional[str] = None,
                             backend: Optional[str] = None):
         flat = op.Concat(op.Shape(x, start=0, end=2), op.Constant(value_ints=[-1]), axis=0)  # [N, C, -1]
+        out_shape = op.Shape(x)
+        if pre_shift is not None:  # x + pre_shift[n, c] before the statistics, as (N, C, S)
+            x = op.Add(op.Reshape(x, flat), op.Reshape(pre_shift, op.Constant(value_ints=[0, 0, 1])))
         if group_norm == "group_norm":
             c = op.Shape(x, start=1, end=2)
             w = weight if weight is not None else op.Expand(op.CastLike(1.0, x), c)
@@ -127,7 +130,7 @@ def translation_table(opset: int = DEFAULT_OPSET, group_norm: str = "instance_no
             z = op.Add(z, op.Reshape(shift, per_sample))
         if activation == "silu":
             z = op.Mul(z, op.Sigmoid(z))
-        return op.Reshape(z, op.Shape(x))
+        return op.Reshape(z, out_shape)
 
     def layer_norm_modulate(x, scale=None, shift=None, weight=None, bias=None, eps: float = 1e-6,
                             backend: Optional[str] = None):

@@ -37,8 +37,13 @@ step does not lower sigma for the multistep solvers.
 
 These classes build on diffusers' ``SchedulerMixin`` / ``ConfigMixin`` when diffusers is installed; without
 it a small local config object gives the same ``config`` / ``from_config`` behaviour.
+
+``accelerate(pipe)`` (:mod:`fastdiff.compat.diffusers.accelerate`) speeds up a diffusers pipeline or model in
+place: fused U-Net / VAE blocks (:mod:`patches_unet`, :mod:`patches_vae`), these schedulers, CUDA graphs per
+input shape (:mod:`cuda_graph`), the dtype / layout policy; ``report.undo()`` restores it exactly.
 """
 
+from fastdiff.compat.diffusers.accelerate import AccelerateError, AccelerateReport, accelerate
 from fastdiff.compat.diffusers.scheduling_base import HAVE_DIFFUSERS, SchedulerOutput
 from fastdiff.compat.diffusers.scheduling_ddpm_ddim import DDIMScheduler, DDPMScheduler
 from fastdiff.compat.diffusers.scheduling_multistep import DPMSolverMultistepScheduler, UniPCMultistepScheduler
@@ -60,4 +65,7 @@ __all__ = [
     "UniPCMultistepScheduler",
     "SchedulerOutput",
     "HAVE_DIFFUSERS",
+    "accelerate",
+    "AccelerateReport",
+    "AccelerateError",
 ]
