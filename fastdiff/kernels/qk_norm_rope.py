@@ -3,29 +3,31 @@
 For every row x = q[b, h, s, :] (and likewise k, with its own weight):
 
     y      = x * rsqrt(mean(x^2) + eps) * w                          (diffusers' RMSNorm, weight w or none)
-    out[d] = y[d] * cos[s, d] + sign(d) * y[d ^ 1] * sin[s, d]       (sign = -1 for even d, +1 for odd d)
+    out[2i]   = y[2i] * cos[s, 2i] - y[2i+1] * sin[s, 2i]
+    out[2i+1] = y[2i+1] * cos[s, 2i+1] + y[2i] * sin[s, 2i+1]
 
 that is, each pair (y[2i], y[2i+1]) is rotated by the angle whose cosine and sine sit, repeated, in
 cos[s, 2i:2i+2] and sin[s, 2i:2i+2]: the interleaved real form of diffusers' ``apply_rotary_emb(...,
 use_real=True, use_real_unbind_dim=-1)`` (what ``FluxPosEmbed`` returns). Without cos and sin it is
 the RMSNorm alone (SD3.5). Statistics and rotation in float32; the output is rounded once.
 
-Memory: q and k are read once and written once (``4 * B*H*S*D`` elements); the rotation's partner
-element ``x[d ^ 1]`` is a second load of the same row, which the L1 cache serves. A program holds a
-(BLOCK_H heads, BLOCK_S positions, D) tile of q and the same tile of k, so each cos/sin row it loads
-(float32, from L2 after its first use) serves ``2 * BLOCK_H`` rows. Every tensor is read through its
-strides: q and k may be (B, S, H, D) storage seen as (B, H, S, D) (Flux's processor before its
-transpose) or slices of a fused projection, and the outputs may be views into a joint (text + image)
-buffer, all without a copy. A unit stride of the head dim is specialised by the JIT (vector loads);
-any other stride is read element by element.
+Memory: q and k are read once and written once (``4 * B*H*S*D`` elements). The rotation needs both
+features of a pair; a thread loads consecutive features of a row (one 16-byte vector load), so the
+pairs are split and joined in registers (``tl.split`` / ``tl.join``) and no element is loaded twice. A
+program holds a (BLOCK_H heads, BLOCK_S positions, D) tile of q and the same tile of k, so each cos/sin
+row it loads (float32, from L2 after its first use) serves ``2 * BLOCK_H`` rows. Every tensor is read
+through its strides: q and k may be (B, S, H, D) storage seen as (B, H, S, D) (Flux's processor before
+its transpose) or slices of a fused projection, and the outputs may be views into a joint (text +
+image) buffer, all without a copy. A unit stride of the head dim is specialised by the JIT (vector
+loads); any other stride is read element by element.
 
-The backward recomputes the statistics. With ``dy = R^T dout`` (the inverse rotation:
-``dy[d] = dout[d] * cos[s, d] - sign(d) * dout[d ^ 1] * sin[s, d ^ 1]``) and ``xhat = x * rstd``:
+The backward recomputes the statistics. With ``dy = R^T dout`` (the inverse rotation: each pair
+``(g0, g1) -> (g0 c0 + g1 s1, g1 c1 - g0 s0)``) and ``xhat = x * rstd``:
 
     dw = sum over rows of dy * xhat          (per-program partial sums, added up by the launcher)
     dx = rstd * (dy * w - xhat * mean(dy * w * xhat))
 
-reading x and dout once (plus dout's partner element) and writing dx once.
+reading x and dout once and writing dx once.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ __all__ = ["qk_norm_rope_forward", "qk_norm_rope_backward", "build_configs", "bl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# Elements of one (BLOCK_H, BLOCK_S, BLOCK_D) tile per tensor; sized so that the sm_90 builds hold the
-# tile, its rotation partner and the folded cos/sin factors in registers without spilling.
+# Elements of one (BLOCK_H, BLOCK_S, BLOCK_D) tile per tensor: with 8 warps, 8 consecutive features per
+# thread (one 16-byte load in bf16), the q and k tiles both in registers (no spills at sm_90 / sm_80).
 TILE = 2048
 # Most heads in one tile: more reuse each cos/sin row over more heads, fewer leave more positions per tile.
 MAX_BLOCK_H = 8
@@ -56,17 +58,15 @@ MAX_BLOCK_H = 8
 
 @triton.jit
 def _tile(pid_s, pid_h, H, S, D, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Heads h (BLOCK_H, 1, 1), positions s (1, BLOCK_S, 1), features d and their partners d ^ 1
-    (1, 1, BLOCK_D), and the mask of the tile."""
+    """Heads h (BLOCK_H, 1, 1), positions s (1, BLOCK_S, 1), features d (1, 1, BLOCK_D), the tile's mask."""
     h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)[:, None, None]
     s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)[None, :, None]
     d = tl.arange(0, BLOCK_D)[None, None, :]
-    mask = (h < H) & (s < S) & (d < D)
-    return h, s, d, d ^ 1, mask
+    return h, s, d, (h < H) & (s < S) & (d < D)
 
 
 @triton.jit
-def _load_row_tile(X, h, s, d, mask, stride_h, stride_s, stride_d):
+def _load_tile(X, h, s, d, mask, stride_h, stride_s, stride_d):
     return tl.load(X + h * stride_h + s * stride_s + d * stride_d, mask=mask, other=0.0).to(tl.float32)
 
 
@@ -77,74 +77,64 @@ def _rstd(x, D, eps):
 
 
 @triton.jit
-def _rope_factors(W, COS, SIN, s, d, d_swap, s_mask, d_mask, stride_cs, stride_cd, stride_ss, stride_sd,
-                  HAS_W: tl.constexpr):
-    """(a, b) of shape (1, BLOCK_S, BLOCK_D) with out = rstd * (x * a + x[d ^ 1] * b): the weight folded
-    into the rotation, a = w[d] cos[s, d], b = sign(d) w[d ^ 1] sin[s, d]."""
-    cs_mask = s_mask & d_mask
-    a = tl.load(COS + s * stride_cs + d * stride_cd, mask=cs_mask, other=0.0).to(tl.float32)
-    b = tl.load(SIN + s * stride_ss + d * stride_sd, mask=cs_mask, other=0.0).to(tl.float32)
-    b = tl.where(d % 2 == 0, -b, b)
-    if HAS_W:
-        a = a * tl.load(W + d, mask=d_mask, other=0.0).to(tl.float32)
-        b = b * tl.load(W + d_swap, mask=d_mask, other=0.0).to(tl.float32)
-    return a, b
+def _pairs(t, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(t[..., 0::2], t[..., 1::2]) of a (BLOCK_H or 1, BLOCK_S, BLOCK_D) tile, broadcast over heads. A
+    thread holds whole pairs of the loaded row (vector loads of consecutive features), so the split
+    stays in registers."""
+    t = tl.broadcast_to(t, (BLOCK_H, BLOCK_S, BLOCK_D))
+    return tl.split(tl.reshape(t, (BLOCK_H, BLOCK_S, BLOCK_D // 2, 2)))
 
 
 @triton.jit
-def _norm_rope_tile(
-    X, OUT, W, COS, SIN,
-    h, s, d, d_swap, mask, s_mask, d_mask,
-    stride_xh, stride_xs, stride_xd,
-    stride_oh, stride_os, stride_od,
-    stride_cs, stride_cd, stride_ss, stride_sd,
-    D, eps,
-    HAS_W: tl.constexpr, ROPE: tl.constexpr,
-):
-    """Normalise (and rotate) one tile of one tensor: x read once (plus its partner), out written once."""
-    x = _load_row_tile(X, h, s, d, mask, stride_xh, stride_xs, stride_xd)
-    rstd = _rstd(x, D, eps)
-    if ROPE:
-        a, b = _rope_factors(W, COS, SIN, s, d, d_swap, s_mask, d_mask, stride_cs, stride_cd, stride_ss,
-                             stride_sd, HAS_W)
-        x_swap = _load_row_tile(X, h, s, d_swap, mask, stride_xh, stride_xs, stride_xd)
-        y = (x * a + x_swap * b) * rstd
+def _rotate(y, c, sn, INVERSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
+            BLOCK_D: tl.constexpr):
+    """Each pair (y0, y1) of the last axis -> (y0 c0 - y1 s0, y1 c1 + y0 s1), c/s at each feature of the
+    pair; INVERSE applies the transpose, (y0 c0 + y1 s1, y1 c1 - y0 s0) (the backward's dy = R^T dout)."""
+    y0, y1 = _pairs(y, BLOCK_H, BLOCK_S, BLOCK_D)
+    c0, c1 = _pairs(c, BLOCK_H, BLOCK_S, BLOCK_D)
+    s0, s1 = _pairs(sn, BLOCK_H, BLOCK_S, BLOCK_D)
+    if INVERSE:
+        out = tl.join(y0 * c0 + y1 * s1, y1 * c1 - y0 * s0)
     else:
-        y = x * rstd
-        if HAS_W:
-            y = y * tl.load(W + d, mask=d_mask, other=0.0).to(tl.float32)
-    tl.store(OUT + h * stride_oh + s * stride_os + d * stride_od, y.to(OUT.dtype.element_ty), mask=mask)
+        out = tl.join(y0 * c0 - y1 * s0, y1 * c1 + y0 * s1)
+    return tl.reshape(out, (BLOCK_H, BLOCK_S, BLOCK_D))
 
 
 @triton.jit
-def _norm_rope_grad_tile(
-    X, DOUT, DX, W, COS, SIN, DW_PART,
-    h, s, d, d_swap, mask, s_mask, d_mask,
-    stride_xh, stride_xs, stride_xd,
-    stride_gh, stride_gs, stride_gd,
-    stride_dh, stride_ds, stride_dd,
-    stride_cs, stride_cd, stride_ss, stride_sd,
-    D, eps,
-    HAS_W: tl.constexpr, ROPE: tl.constexpr,
-):
-    """dx of one tile (written) and this tile's partial sum of dw (stored at DW_PART[0:D])."""
-    x = _load_row_tile(X, h, s, d, mask, stride_xh, stride_xs, stride_xd)
+def _rope_tables(COS, SIN, s, d, S, D, stride_cs, stride_cd, stride_ss, stride_sd):
+    """cos[s, d] and sin[s, d] as (1, BLOCK_S, BLOCK_D) float32 tiles."""
+    mask = (s < S) & (d < D)
+    c = tl.load(COS + s * stride_cs + d * stride_cd, mask=mask, other=0.0).to(tl.float32)
+    sn = tl.load(SIN + s * stride_ss + d * stride_sd, mask=mask, other=0.0).to(tl.float32)
+    return c, sn
+
+
+@triton.jit
+def _norm_rope(x, c, sn, W, d, D, eps, HAS_W: tl.constexpr, ROPE: tl.constexpr, BLOCK_H: tl.constexpr,
+               BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """rope(x * rstd * w) of one tile, float32."""
+    y = x * _rstd(x, D, eps)
+    if HAS_W:
+        y = y * tl.load(W + d, mask=d < D, other=0.0).to(tl.float32)
+    if ROPE:
+        y = _rotate(y, c, sn, False, BLOCK_H, BLOCK_S, BLOCK_D)
+    return y
+
+
+@triton.jit
+def _norm_rope_grad(x, dout, c, sn, W, d, D, eps, HAS_W: tl.constexpr, ROPE: tl.constexpr,
+                    BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(dx, this tile's dw summed over its rows (1, 1, BLOCK_D)) of one tile, float32."""
     rstd = _rstd(x, D, eps)
     xhat = x * rstd
-    dy = _load_row_tile(DOUT, h, s, d, mask, stride_gh, stride_gs, stride_gd)
+    dy = dout
     if ROPE:
-        cs_mask = s_mask & d_mask
-        c = tl.load(COS + s * stride_cs + d * stride_cd, mask=cs_mask, other=0.0).to(tl.float32)
-        sn = tl.load(SIN + s * stride_ss + d_swap * stride_sd, mask=cs_mask, other=0.0).to(tl.float32)
-        sn = tl.where(d % 2 == 0, sn, -sn)  # -sign(d) sin[s, d ^ 1]
-        g_swap = _load_row_tile(DOUT, h, s, d_swap, mask, stride_gh, stride_gs, stride_gd)
-        dy = dy * c + g_swap * sn
+        dy = _rotate(dout, c, sn, True, BLOCK_H, BLOCK_S, BLOCK_D)
+    dw = tl.sum(tl.sum(dy * xhat, axis=1, keep_dims=True), axis=0, keep_dims=True)
     if HAS_W:
-        dw = tl.sum(tl.sum(dy * xhat, axis=1, keep_dims=True), axis=0, keep_dims=True)
-        tl.store(DW_PART + d, dw, mask=d_mask)
-        dy = dy * tl.load(W + d, mask=d_mask, other=0.0).to(tl.float32)
+        dy = dy * tl.load(W + d, mask=d < D, other=0.0).to(tl.float32)
     dx = rstd * (dy - xhat * (tl.sum(dy * xhat, axis=2)[:, :, None] / D))
-    tl.store(DX + h * stride_dh + s * stride_ds + d * stride_dd, dx.to(DX.dtype.element_ty), mask=mask)
+    return dx, dw
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,19 +169,24 @@ def _qk_norm_rope_fwd_kernel(
 ):
     """q_out = rope(rmsnorm(q) * qw), k_out = rope(rmsnorm(k) * kw) over one tile of each.
 
-    Grid (cdiv(S, BLOCK_S), cdiv(H, BLOCK_H), B). FLOPs about 8 per element; traffic: q, k read once,
-    q_out, k_out written once, ``2 * S * D`` cos/sin values per (head block, batch), L2-resident.
+    Grid (cdiv(S, BLOCK_S), cdiv(H, BLOCK_H), B). About 8 FLOPs per element; traffic: q and k read once,
+    q_out and k_out written once, a (BLOCK_S, D) slice of cos and sin per program (L2-resident).
     """
     b = tl.program_id(2).to(tl.int64)
-    h, s, d, d_swap, mask = _tile(tl.program_id(0), tl.program_id(1), H, S, D, BLOCK_H, BLOCK_S, BLOCK_D)
-    s_mask = s < S
-    d_mask = d < D
-    _norm_rope_tile(Q + b * stride_qb, QO + b * stride_pb, QW, COS, SIN, h, s, d, d_swap, mask, s_mask, d_mask,
-                    stride_qh, stride_qs, stride_qd, stride_ph, stride_ps, stride_pd,
-                    stride_cs, stride_cd, stride_ss, stride_sd, D, eps, HAS_QW, ROPE)
-    _norm_rope_tile(K + b * stride_kb, KO + b * stride_ob, KW, COS, SIN, h, s, d, d_swap, mask, s_mask, d_mask,
-                    stride_kh, stride_ks, stride_kd, stride_oh, stride_os, stride_od,
-                    stride_cs, stride_cd, stride_ss, stride_sd, D, eps, HAS_KW, ROPE)
+    h, s, d, mask = _tile(tl.program_id(0), tl.program_id(1), H, S, D, BLOCK_H, BLOCK_S, BLOCK_D)
+    # every load first: both tiles in flight before the first reduction waits on them
+    xq = _load_tile(Q + b * stride_qb, h, s, d, mask, stride_qh, stride_qs, stride_qd)
+    xk = _load_tile(K + b * stride_kb, h, s, d, mask, stride_kh, stride_ks, stride_kd)
+    c = 0.0
+    sn = 0.0
+    if ROPE:
+        c, sn = _rope_tables(COS, SIN, s, d, S, D, stride_cs, stride_cd, stride_ss, stride_sd)
+    yq = _norm_rope(xq, c, sn, QW, d, D, eps, HAS_QW, ROPE, BLOCK_H, BLOCK_S, BLOCK_D)
+    tl.store(QO + b * stride_pb + h * stride_ph + s * stride_ps + d * stride_pd, yq.to(QO.dtype.element_ty),
+             mask=mask)
+    yk = _norm_rope(xk, c, sn, KW, d, D, eps, HAS_KW, ROPE, BLOCK_H, BLOCK_S, BLOCK_D)
+    tl.store(KO + b * stride_ob + h * stride_oh + s * stride_os + d * stride_od, yk.to(KO.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit
@@ -222,24 +217,30 @@ def _qk_norm_rope_bwd_kernel(
     BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dq, dk (and partial dqw, dkw) over one tile of each. Grid as in the forward; q, k and both
-    gradients read once (plus the gradients' partner elements), dq, dk written once."""
+    gradients read once, dq and dk written once, (P, D) float32 partials of the weight gradients."""
     pid_s = tl.program_id(0)
     pid_h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     part = ((b * tl.num_programs(1) + pid_h) * tl.num_programs(0) + pid_s) * D
-    h, s, d, d_swap, mask = _tile(pid_s, pid_h, H, S, D, BLOCK_H, BLOCK_S, BLOCK_D)
-    s_mask = s < S
-    d_mask = d < D
-    _norm_rope_grad_tile(Q + b * stride_qb, GQ + b * stride_gqb, DQ + b * stride_dqb, QW, COS, SIN, DQW_PART + part,
-                         h, s, d, d_swap, mask, s_mask, d_mask,
-                         stride_qh, stride_qs, stride_qd, stride_gqh, stride_gqs, stride_gqd,
-                         stride_dqh, stride_dqs, stride_dqd, stride_cs, stride_cd, stride_ss, stride_sd,
-                         D, eps, HAS_QW, ROPE)
-    _norm_rope_grad_tile(K + b * stride_kb, GK + b * stride_gkb, DK + b * stride_dkb, KW, COS, SIN, DKW_PART + part,
-                         h, s, d, d_swap, mask, s_mask, d_mask,
-                         stride_kh, stride_ks, stride_kd, stride_gkh, stride_gks, stride_gkd,
-                         stride_dkh, stride_dks, stride_dkd, stride_cs, stride_cd, stride_ss, stride_sd,
-                         D, eps, HAS_KW, ROPE)
+    h, s, d, mask = _tile(pid_s, pid_h, H, S, D, BLOCK_H, BLOCK_S, BLOCK_D)
+    c = 0.0
+    sn = 0.0
+    if ROPE:
+        c, sn = _rope_tables(COS, SIN, s, d, S, D, stride_cs, stride_cd, stride_ss, stride_sd)
+    x = _load_tile(Q + b * stride_qb, h, s, d, mask, stride_qh, stride_qs, stride_qd)
+    g = _load_tile(GQ + b * stride_gqb, h, s, d, mask, stride_gqh, stride_gqs, stride_gqd)
+    dx, dw = _norm_rope_grad(x, g, c, sn, QW, d, D, eps, HAS_QW, ROPE, BLOCK_H, BLOCK_S, BLOCK_D)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + s * stride_dqs + d * stride_dqd, dx.to(DQ.dtype.element_ty),
+             mask=mask)
+    if HAS_QW:
+        tl.store(DQW_PART + part + d, dw, mask=d < D)
+    x = _load_tile(K + b * stride_kb, h, s, d, mask, stride_kh, stride_ks, stride_kd)
+    g = _load_tile(GK + b * stride_gkb, h, s, d, mask, stride_gkh, stride_gks, stride_gkd)
+    dx, dw = _norm_rope_grad(x, g, c, sn, KW, d, D, eps, HAS_KW, ROPE, BLOCK_H, BLOCK_S, BLOCK_D)
+    tl.store(DK + b * stride_dkb + h * stride_dkh + s * stride_dks + d * stride_dkd, dx.to(DK.dtype.element_ty),
+             mask=mask)
+    if HAS_KW:
+        tl.store(DKW_PART + part + d, dw, mask=d < D)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fastdiff.ops.routing import _check_backend, _check_vector, _compute_dtype, current_backend, use_triton
@@ -53,19 +52,27 @@ def qk_norm_rope_reference(q: Tensor, k: Tensor, q_weight: Optional[Tensor] = No
 def _native_one(x: Tensor, weight: Optional[Tensor], cos: Optional[Tensor], sin: Optional[Tensor], eps: float,
                 out: Tensor) -> Tensor:
     cd = _compute_dtype(x.dtype)
-    # ATen's fused RMSNorm writes a dense float32 result; the rotation then runs on dense memory (on the
-    # strided (B, S, H, D) view it is several times slower) and one copy lays it out like the output.
-    y = F.rms_norm(x.to(cd), x.shape[-1:], None if weight is None else weight.to(cd), eps)
-    if cos is not None:
-        y = torch.addcmul(y * cos.to(cd), _rotate_pairs(y), sin.to(cd))
+    # one dense compute-dtype copy first: elementwise ops on the strided (B, S, H, D) view are several
+    # times slower; y is then a new tensor that can be scaled in place
+    xf = x.to(cd, memory_format=torch.contiguous_format)
+    rstd = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+    y = xf * rstd
+    wf = None if weight is None else weight.to(cd)
+    if cos is not None:  # the weight folded into the (S, D) factors: y w c + rot(y w) s = y (w c) + rot(y) (w' s)
+        a = cos.to(cd) if wf is None else cos.to(cd) * wf
+        b = sin.to(cd) if wf is None else sin.to(cd) * wf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+        y = torch.addcmul(y * a, _rotate_pairs(y), b)
+    elif wf is not None:
+        y.mul_(wf)
     return out.copy_(y)
 
 
 def qk_norm_rope_native(q: Tensor, k: Tensor, q_weight: Optional[Tensor] = None, k_weight: Optional[Tensor] = None,
                         cos: Optional[Tensor] = None, sin: Optional[Tensor] = None, eps: float = 1e-6,
                         q_out: Optional[Tensor] = None, k_out: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """The ``auto`` path off CUDA: ATen's RMSNorm in float32, the rotation as one multiply and one
-    multiply-add, one rounding into the output (same numerics as the reference, fewer passes)."""
+    """The ``auto`` path off CUDA: float32 statistics from one norm reduction, the weight folded into the
+    rotation's (S, D) factors, the rotation as one multiply and one multiply-add, one rounding into the
+    output (the reference's numerics in fewer passes over memory)."""
     q_out = torch.empty_like(q) if q_out is None else q_out
     k_out = torch.empty_like(k) if k_out is None else k_out
     return _native_one(q, q_weight, cos, sin, eps, q_out), _native_one(k, k_weight, cos, sin, eps, k_out)
