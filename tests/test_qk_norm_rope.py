@@ -32,19 +32,24 @@ VARIANTS = [("flux", True, True), ("sd35", False, True), ("no-affine", True, Fal
 
 
 def make_qk(shape, layout, device, dtype=torch.float32, seed=0):
+    """q and k as views of the storage the layout names, on device (the view is taken last, so it survives)."""
     b, h, s, d = shape
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(2):
+        fill = lambda *size: (torch.randn(*size, generator=g) * 2 + 0.3).to(device, dtype)
         if layout == "bshd":
-            x = torch.randn(b, s, h, d, generator=g).transpose(1, 2)
+            x = fill(b, s, h, d).transpose(1, 2)
         elif layout == "qkv":
-            x = torch.randn(b, s, 3 * h * d, generator=g)[..., h * d:2 * h * d].unflatten(-1, (h, d)).transpose(1, 2)
+            x = fill(b, s, 3 * h * d)[..., h * d:2 * h * d].unflatten(-1, (h, d)).transpose(1, 2)
         elif layout == "d-strided":
-            x = torch.randn(b, h, s, 2 * d, generator=g)[..., ::2]
+            x = fill(b, h, s, 2 * d)[..., ::2]
         else:
-            x = torch.randn(b, h, s, d, generator=g)
-        out.append((x * 2 + 0.3).to(device, dtype))
+            x = fill(b, h, s, d)
+        out.append(x)
+    expected_stride = {"bshd": (s * h * d, d, h * d, 1), "qkv": (s * 3 * h * d, d, 3 * h * d, 1),
+                       "d-strided": (h * s * 2 * d, s * 2 * d, 2 * d, 2), "bhsd": (h * s * d, s * d, d, 1)}
+    assert out[0].stride() == expected_stride[layout]
     return out
 
 

@@ -57,12 +57,18 @@ MAX_BLOCK_H = 8
 
 
 @triton.jit
-def _tile(pid_s, pid_h, H, S, D, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Heads h (BLOCK_H, 1, 1), positions s (1, BLOCK_S, 1), features d (1, 1, BLOCK_D), the tile's mask."""
-    h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)[:, None, None]
-    s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)[None, :, None]
+def _tile(H, S, D, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's batch entry b (int64), heads h (BLOCK_H, 1, 1), positions s (1, BLOCK_S, 1), features
+    d (1, 1, BLOCK_D) and the tile's mask. One grid axis, position blocks fastest, then head blocks, then
+    the batch (no 65535 limit of the other axes)."""
+    pid = tl.program_id(0)
+    blocks_s = tl.cdiv(S, BLOCK_S)
+    blocks_h = tl.cdiv(H, BLOCK_H)
+    h = (pid // blocks_s) % blocks_h * BLOCK_H + tl.arange(0, BLOCK_H)[:, None, None]
+    s = pid % blocks_s * BLOCK_S + tl.arange(0, BLOCK_S)[None, :, None]
     d = tl.arange(0, BLOCK_D)[None, None, :]
-    return h, s, d, (h < H) & (s < S) & (d < D)
+    b = (pid // (blocks_s * blocks_h)).to(tl.int64)
+    return b, h, s, d, (h < H) & (s < S) & (d < D)
 
 
 @triton.jit
@@ -169,11 +175,10 @@ def _qk_norm_rope_fwd_kernel(
 ):
     """q_out = rope(rmsnorm(q) * qw), k_out = rope(rmsnorm(k) * kw) over one tile of each.
 
-    Grid (cdiv(S, BLOCK_S), cdiv(H, BLOCK_H), B). About 8 FLOPs per element; traffic: q and k read once,
+    Grid (cdiv(S, BLOCK_S) * cdiv(H, BLOCK_H) * B,). About 8 FLOPs per element; traffic: q and k read once,
     q_out and k_out written once, a (BLOCK_S, D) slice of cos and sin per program (L2-resident).
     """
-    b = tl.program_id(2).to(tl.int64)
-    h, s, d, mask = _tile(tl.program_id(0), tl.program_id(1), H, S, D, BLOCK_H, BLOCK_S, BLOCK_D)
+    b, h, s, d, mask = _tile(H, S, D, BLOCK_H, BLOCK_S, BLOCK_D)
     # every load first: both tiles in flight before the first reduction waits on them
     xq = _load_tile(Q + b * stride_qb, h, s, d, mask, stride_qh, stride_qs, stride_qd)
     xk = _load_tile(K + b * stride_kb, h, s, d, mask, stride_kh, stride_ks, stride_kd)
@@ -218,11 +223,8 @@ def _qk_norm_rope_bwd_kernel(
 ):
     """dq, dk (and partial dqw, dkw) over one tile of each. Grid as in the forward; q, k and both
     gradients read once, dq and dk written once, (P, D) float32 partials of the weight gradients."""
-    pid_s = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    part = ((b * tl.num_programs(1) + pid_h) * tl.num_programs(0) + pid_s) * D
-    h, s, d, mask = _tile(pid_s, pid_h, H, S, D, BLOCK_H, BLOCK_S, BLOCK_D)
+    b, h, s, d, mask = _tile(H, S, D, BLOCK_H, BLOCK_S, BLOCK_D)
+    part = tl.program_id(0).to(tl.int64) * D
     c = 0.0
     sn = 0.0
     if ROPE:
@@ -279,8 +281,8 @@ def _rope_strides(cos: Optional[Tensor], sin: Optional[Tensor]) -> tuple[int, in
     return (*cos.stride(), *sin.stride())
 
 
-def _grid(b: int, h: int, s: int, block_h: int, block_s: int) -> tuple[int, int, int]:
-    return triton.cdiv(s, block_s), triton.cdiv(h, block_h), b
+def _grid(b: int, h: int, s: int, block_h: int, block_s: int) -> tuple[int]:
+    return (triton.cdiv(s, block_s) * triton.cdiv(h, block_h) * b,)
 
 
 def qk_norm_rope_forward(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Optional[Tensor],
@@ -315,7 +317,7 @@ def qk_norm_rope_backward(grad_q: Tensor, grad_k: Tensor, q: Tensor, k: Tensor, 
     _check_offsets(q, k, grad_q, grad_k, dq, dk)
     block_h, block_s, block_d, num_warps = blocks(h, s, d)
     grid = _grid(b, h, s, block_h, block_s)
-    parts = grid[0] * grid[1] * grid[2]
+    parts = grid[0]
     f32 = dict(device=q.device, dtype=torch.float32)
     dqw_part = torch.empty(parts if q_weight is not None else 0, d, **f32)  # every row written
     dkw_part = torch.empty(parts if k_weight is not None else 0, d, **f32)
