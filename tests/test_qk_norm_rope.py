@@ -341,25 +341,27 @@ def test_strided_view_is_read_in_place(monkeypatch):
 @pytest.mark.parametrize("backend", ["triton", "reference", "auto"])
 @pytest.mark.parametrize("shape", [(0, 3, 5, 16), (2, 3, 0, 16), (2, 0, 5, 16)], ids=["B=0", "S=0", "H=0"])
 def test_empty(shape, backend):
-    q = torch.randn(shape, requires_grad=True)
-    k = torch.randn(shape, requires_grad=True)
-    w = torch.ones(16, requires_grad=True)
-    cos, sin = torch.randn(shape[2], 16), torch.randn(shape[2], 16)
+    device = KERNEL_DEVICE if backend == "triton" else "cpu"
+    q = torch.randn(shape, device=device, requires_grad=True)
+    k = torch.randn(shape, device=device, requires_grad=True)
+    w = torch.ones(16, device=device, requires_grad=True)
+    cos, sin = torch.randn(shape[2], 16, device=device), torch.randn(shape[2], 16, device=device)
     q_out, k_out = ops.qk_norm_rope(q, k, w, w, cos, sin, backend=backend)
     assert q_out.shape == shape and k_out.shape == shape
     dq, dw = torch.autograd.grad((q_out.sum() + k_out.sum()), (q, w))
     assert dq.shape == shape and dw.shape == (16,) and not dw.any()
     with torch.no_grad():
-        out = (torch.empty(shape), torch.empty(shape))
+        out = (torch.empty(shape, device=device), torch.empty(shape, device=device))
         got = ops.qk_norm_rope(q, k, w, w, cos, sin, backend=backend, out=out)
         assert got[0] is out[0] and got[1] is out[1]
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference", "auto"])
 def test_nan_stays_in_its_row(backend):
-    q, k = make_qk((2, 3, 4, 16), "bshd", "cpu")
+    device = KERNEL_DEVICE if backend == "triton" else "cpu"
+    q, k = make_qk((2, 3, 4, 16), "bshd", device)
     q[1, 2, 3, 5] = float("nan")
-    qw, kw, cos, sin = make_params(4, 16, "cpu")
+    qw, kw, cos, sin = make_params(4, 16, device)
     q_out, k_out = ops.qk_norm_rope(q, k, qw, kw, cos, sin, backend=backend)
     assert torch.isnan(q_out[1, 2, 3]).all()
     q_out[1, 2, 3] = 0.0
@@ -447,7 +449,7 @@ def test_backend_switch(monkeypatch):
     real_kernel, real_native = kq.qk_norm_rope_forward, oq.qk_norm_rope_native
     monkeypatch.setattr(kq, "qk_norm_rope_forward", lambda *a: calls.append("triton") or real_kernel(*a))
     monkeypatch.setattr(oq, "qk_norm_rope_native", lambda *a: calls.append("native") or real_native(*a))
-    q, k = make_qk((1, 2, 3, 8), "bhsd", "cpu")
+    q, k = make_qk((1, 2, 3, 8), "bhsd", KERNEL_DEVICE)
     monkeypatch.setenv("FASTDIFF_BACKEND", "triton")
     ops.qk_norm_rope(q, k)
     with ops.backend("reference"):
@@ -455,12 +457,14 @@ def test_backend_switch(monkeypatch):
         ops.qk_norm_rope(q, k, backend="auto")
     monkeypatch.delenv("FASTDIFF_BACKEND")
     ops.qk_norm_rope(q, k)
-    assert calls == ["triton", "native", "native"]
+    auto = "triton" if q.is_cuda else "native"  # auto: Triton for CUDA tensors, the native path elsewhere
+    assert calls == ["triton", auto, auto]
 
 
 def _opcheck_args(backend):
-    q, k = make_qk((2, 3, 5, 16), "bshd", "cpu")
-    qw, kw, cos, sin = make_params(5, 16, "cpu")
+    device = KERNEL_DEVICE if backend == "triton" else "cpu"
+    q, k = make_qk((2, 3, 5, 16), "bshd", device)
+    qw, kw, cos, sin = make_params(5, 16, device)
     return q, k, qw, kw, cos, sin, 1e-6, backend
 
 
@@ -472,7 +476,7 @@ def test_opcheck(backend):
     torch.library.opcheck(torch.ops.fastdiff.qk_norm_rope.default, (q, k, None, None, None, None, 1e-5, backend))
     torch.library.opcheck(torch.ops.fastdiff.qk_norm_rope_backward.default, (torch.randn_like(q), torch.randn_like(k),
                                                                              *args))
-    outs = (torch.empty(2, 5, 3, 16).transpose(1, 2), torch.empty(2, 3, 5, 16))
+    outs = (torch.empty(2, 5, 3, 16, device=q.device).transpose(1, 2), torch.empty(2, 3, 5, 16, device=q.device))
     torch.library.opcheck(torch.ops.fastdiff.qk_norm_rope_out.default, (*args, *outs))
 
 

@@ -341,8 +341,8 @@ def build_configs() -> list[dict]:
     transposed view of Flux's processor: unit feature stride, strided positions)."""
     from fastdiff.kernels import build_spec
 
-    def spec(kernel, dtype, h, d, rope, weights=True, wdtype=None):
-        block_h, block_s, block_d, num_warps = blocks(h, 4096, d)
+    def spec(kernel, dtype, h, d, rope, weights=True, wdtype=None, s=4096):
+        block_h, block_s, block_d, num_warps = blocks(h, s, d)
         ptr, wptr = f"*{dtype}", f"*{wdtype or dtype}"
         tensors = ("Q", "K", "QO", "KO", "GQ", "GK", "DQ", "DK")
         types = {name: ptr for name in tensors if name in kernel.arg_names}
@@ -351,6 +351,8 @@ def build_configs() -> list[dict]:
         flags = dict(HAS_QW=weights, HAS_KW=weights, ROPE=rope, BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_D=block_d)
         kind = "fwd" if kernel is _qk_norm_rope_fwd_kernel else "bwd"
         name = f"qk_norm_rope_{kind}_{dtype}_h{h}_d{d}" + ("_rope" if rope else "") + ("" if weights else "_noaffine")
+        if s != 4096:
+            name += f"_s{s}"
         if wdtype:
             name += f"_w{wdtype}"
         cfg = build_spec(name, kernel, types, {**unit, **flags}, num_warps=num_warps)
@@ -373,4 +375,8 @@ def build_configs() -> list[dict]:
     for dtype in ("bf16", "fp16", "fp32"):
         configs.append(spec(bwd, dtype, 24, 128, rope=True))
     configs.append(spec(bwd, "bf16", 24, 64, rope=False))
+    # the tests' small tiles (a few heads and positions, 4 warps, head dims 16 and 72 in padded tiles)
+    for kernel in (fwd, bwd):
+        configs.append(spec(kernel, "fp16", 3, 16, rope=True, s=5))
+        configs.append(spec(kernel, "fp32", 2, 72, rope=True, s=1))
     return configs

@@ -120,7 +120,7 @@ def qk_norm_rope_backward_reference(grad_q: Tensor, grad_k: Tensor, q: Tensor, k
 
 
 def _forward(q, k, q_weight, k_weight, cos, sin, eps, backend, q_out=None, k_out=None):
-    if use_triton(q, backend) and q.dtype != torch.float64:
+    if q.dtype != torch.float64 and use_triton(q, backend):
         from fastdiff.kernels.qk_norm_rope import qk_norm_rope_forward
         return qk_norm_rope_forward(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out)
     if current_backend(backend) == "auto":
@@ -163,7 +163,7 @@ def _qk_norm_rope_backward_op(
         grad_q: Tensor, grad_k: Tensor, q: Tensor, k: Tensor, q_weight: Optional[Tensor],
         k_weight: Optional[Tensor], cos: Optional[Tensor], sin: Optional[Tensor], eps: float,
         backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    if use_triton(q, backend) and q.dtype != torch.float64 and q.numel() > 0:
+    if q.numel() > 0 and q.dtype != torch.float64 and use_triton(q, backend):
         from fastdiff.kernels.qk_norm_rope import qk_norm_rope_backward
         return qk_norm_rope_backward(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps)
     return qk_norm_rope_backward_reference(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps)
