@@ -170,6 +170,25 @@ def test_odd_head_dim_without_rope():
     check(q, k, qw, kw, None, None, "triton", tol=1e-5, grad_tol=1e-5, eps=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference", "auto"])
+def test_one_tensor_as_q_and_k(backend):
+    """The same tensor passed as q and k keeps each weight with its own output and gradient."""
+    device = KERNEL_DEVICE if backend == "triton" else "cpu"
+    x, _ = make_qk((2, 3, 5, 16), "bshd", device)
+    qw, kw, cos, sin = make_params(5, 16, device)
+    x.requires_grad_(True)
+    for w in (qw, kw):
+        w.requires_grad_(True)
+    q_out, k_out = ops.qk_norm_rope(x, x, qw, kw, cos, sin, backend=backend)
+    got = torch.autograd.grad(q_out.sum() + 2 * k_out.sum(), (x, qw, kw))
+    rx, rqw, rkw = (t.detach().double().requires_grad_(True) for t in (x, qw, kw))
+    ref_q, ref_k = oracle(rx, rqw, cos, sin), oracle(rx, rkw, cos, sin)
+    want = torch.autograd.grad(ref_q.sum() + 2 * ref_k.sum(), (rx, rqw, rkw))
+    assert rel_l2(q_out.detach(), ref_q.detach()) <= 1e-5 and rel_l2(k_out.detach(), ref_k.detach()) <= 1e-5
+    for g_got, g_want in zip(got, want, strict=True):
+        assert rel_l2(g_got, g_want) <= 1e-5
+
+
 def test_float32_weights_with_half_inputs():
     q, k = make_qk((2, 3, 5, 32), "bshd", KERNEL_DEVICE, torch.float16)
     qw, kw, cos, sin = make_params(5, 32, KERNEL_DEVICE)

@@ -105,8 +105,8 @@ def qk_norm_rope_backward_reference(grad_q: Tensor, grad_k: Tensor, q: Tensor, k
     """Closed-form gradients (dq, dk, dq_weight, dk_weight); the weight gradients are always returned,
     (D,) in the weight's dtype (q's dtype for an absent weight); cos and sin get none."""
     result = []
-    for g, x in ((grad_q, q), (grad_k, k)):
-        dx, dw = _norm_rope_backward_one(g, x, q_weight if x is q else k_weight, cos, sin, eps)
+    for g, x, w in ((grad_q, q, q_weight), (grad_k, k, k_weight)):
+        dx, dw = _norm_rope_backward_one(g, x, w, cos, sin, eps)
         out = torch.empty_like(x)
         result.append((out.copy_(dx), dw))
     (dq, dqw), (dk, dkw) = result
