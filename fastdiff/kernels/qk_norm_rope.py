@@ -32,7 +32,6 @@ reading x and dout once and writing dx once.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -41,8 +40,6 @@ import triton.language as tl
 from torch import Tensor
 
 __all__ = ["qk_norm_rope_forward", "qk_norm_rope_backward", "build_configs", "blocks"]
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Elements of one (BLOCK_H, BLOCK_S, BLOCK_D) tile per tensor: with 8 warps, 8 consecutive features per
 # thread (one 16-byte load in bf16), the q and k tiles both in registers (no spills at sm_90 / sm_80).
