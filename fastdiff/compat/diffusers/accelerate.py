@@ -118,10 +118,11 @@ class AccelerateReport:
 
 
 def _patches() -> tuple:
+    from fastdiff.compat.diffusers.patches_transformer import transformer_patches
     from fastdiff.compat.diffusers.patches_unet import UNET_PATCHES
     from fastdiff.compat.diffusers.patches_vae import VAE_PATCHES
 
-    return UNET_PATCHES + VAE_PATCHES
+    return UNET_PATCHES + VAE_PATCHES + transformer_patches()
 
 
 def _join(*parts: str) -> str:
@@ -173,20 +174,26 @@ def _check_args(dtype, channels_last, cuda_graph, compile, scheduler, strict, th
 
 
 def _plan_patches(components: list, patches: tuple) -> tuple[list, list]:
+    """Each module's applicable patches, and the reasons of those that do not apply. Patches about one class
+    may be alternatives (one per attention processor): a module some patch applies to is not reported by
+    the others."""
     plan, skipped, seen = [], [], set()
     for comp_name, comp in components:
         for path, module in comp.named_modules():
             if id(module) in seen:
                 continue
             seen.add(id(module))
+            applies, reasons = [], []
             for patch in patches:
                 if not patch.matches(module):
                     continue
                 reason = patch.check(module)
                 if reason is None:
-                    plan.append((patch, module, _join(comp_name, path)))
+                    applies.append((patch, module, _join(comp_name, path)))
                 else:
-                    skipped.append((_join(comp_name, path), f"{patch.name}: {reason}"))
+                    reasons.append((_join(comp_name, path), f"{patch.name}: {reason}"))
+            plan += applies
+            skipped += reasons if not applies else []
     return plan, skipped
 
 
@@ -319,24 +326,33 @@ class CastingCall:
         return pytree.tree_map(lambda v: self.cast_leaf(v, in_dtype), out)
 
 
+def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The instances of the model's repeated-block classes: diffusers' ``_repeated_blocks`` list where the model
+    declares one, else the classes of the modules in its top-level ``*transformer_blocks`` lists (SD3, PixArt
+    and DiT declare none in diffusers <= 0.42)."""
+    names = set(getattr(model, "_repeated_blocks", None) or ())
+    if not names:
+        names = {type(m).__name__ for name, blocks in model.named_children()
+                 if name.endswith("transformer_blocks") and isinstance(blocks, nn.ModuleList) for m in blocks}
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
 def _compile_scope(model: nn.Module, compile) -> Optional[str]:
-    """"full" | "regional" | None for ``compile``; True picks regional when the model's declared repeated
-    blocks (diffusers' ``_repeated_blocks``) hold most of its parameters."""
+    """"full" | "regional" | None for ``compile``; True picks regional when the model's repeated blocks
+    (:func:`_repeated_blocks`) hold most of its parameters."""
     if compile is False:
         return None
     if compile in ("full", "regional"):
         return compile
-    names = set(getattr(model, "_repeated_blocks", None) or ())
     total = sum(p.numel() for p in model.parameters()) or 1
-    in_blocks = sum(p.numel() for m in model.modules() if type(m).__name__ in names for p in m.parameters())
-    return "regional" if names and in_blocks / total >= REGIONAL_MIN_SHARE else "full"
+    in_blocks = sum(p.numel() for m in _repeated_blocks(model) for p in m.parameters())
+    return "regional" if in_blocks / total >= REGIONAL_MIN_SHARE else "full"
 
 
 def _compile_regional(model: nn.Module, options: dict) -> tuple[Callable, int]:
-    """``module.compile()`` on every instance of the model's repeated-block classes (diffusers' own list):
-    instances of one class share the compiled code. Returns (undo, number compiled)."""
-    names = set(getattr(model, "_repeated_blocks", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in names and m._compiled_call_impl is None]
+    """``module.compile()`` on every repeated block of the model (:func:`_repeated_blocks`): instances of one
+    class share the compiled code. Returns (undo, number compiled)."""
+    blocks = [m for m in _repeated_blocks(model) if m._compiled_call_impl is None]
     for m in blocks:
         m.compile(dynamic=False, **options)
 
@@ -365,8 +381,8 @@ def _install_entry(report: AccelerateReport, path: str, model: nn.Module, *, cas
         graphs.failures = report.skipped
         report.cuda_graph.append(path)
         report._undo.append(graphs.clear)  # frees the graphs' memory when undone
-    if cast is not None:
-        fn = CastingCall(fn, cast)
+    if cast is not None:  # position ids (Flux's img_ids / txt_ids) stay exact, as the timestep
+        fn = CastingCall(fn, cast, keep=("timestep", "img_ids", "txt_ids"))
     if fn is not model.forward:
         report._undo.append(_set_attr(model, "forward", fn))
 
