@@ -174,9 +174,9 @@ def _check_args(dtype, channels_last, cuda_graph, compile, scheduler, strict, th
 
 
 def _plan_patches(components: list, patches: tuple) -> tuple[list, list]:
-    """Each module's applicable patches, and the reasons of those that do not apply. Patches about one class
-    may be alternatives (one per attention processor): a module some patch applies to is not reported by
-    the others."""
+    """Each module's applicable patches, and one skip entry per module no patch applies to (the reasons of every
+    patch about it). Patches about one class may be alternatives (one per attention processor): a module some
+    patch applies to is not reported by the others."""
     plan, skipped, seen = [], [], set()
     for comp_name, comp in components:
         for path, module in comp.named_modules():
@@ -191,9 +191,10 @@ def _plan_patches(components: list, patches: tuple) -> tuple[list, list]:
                 if reason is None:
                     applies.append((patch, module, _join(comp_name, path)))
                 else:
-                    reasons.append((_join(comp_name, path), f"{patch.name}: {reason}"))
+                    reasons.append(f"{patch.name}: {reason}")
             plan += applies
-            skipped += reasons if not applies else []
+            if reasons and not applies:
+                skipped.append((_join(comp_name, path), "; ".join(reasons)))
     return plan, skipped
 
 
