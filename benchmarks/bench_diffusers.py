@@ -13,12 +13,21 @@ elementwise and norm work).
   SDPA attention (diffusers' default processor);
 - ``diffusers-bf16-compile``: that, with the denoiser (the VAE's decoder in the decode case) under
   ``torch.compile`` (default mode); ``--full`` adds ``diffusers-bf16-max-autotune`` on a GPU;
+- ``diffusers-bf16-compile-regional`` (transformers): each repeated block compiled instead (diffusers'
+  ``compile_repeated_blocks``: one compiled code per block class, a short warm-up);
 - ``accelerate``: ``fastdiff.accelerate(pipe)`` with its defaults (the policy's dtype: bf16 on this kind of CPU
   and on GPUs, so the row starts from the bf16 pipeline, which is what the conversion gives; channels_last
   where the policy says; the fastdiff scheduler where there is a drop-in; CUDA graphs on a GPU);
 - ``accelerate-compile``: ``fastdiff.accelerate(pipe, compile=True)`` (CPU; on a GPU with ``--full``);
 - in the DDPM case also ``fd.sample`` and ``fd.sample-compile``: the zoo's DDPM-CIFAR10 U-Net (same weights)
   sampled by ``fastdiff.sample`` with 20 DDIM steps.
+
+Diffusion-transformer cases (``transformer_cases.py``): CPU ``flux-768`` (the pinned Flux-like config: hidden 768,
+4 double + 8 single blocks, 1024 image + 128 text tokens, batch 1) and the test-size ``flux-tiny``, ``sd3-tiny``,
+``sd35-tiny``, ``pixart-tiny``, interleaved as above; GPU ``flux-dev-1024`` (28 steps, VAE decode included) and
+``pixart-sigma-1024`` (20 steps), where one bf16 model (24 GB for Flux-dev) gets each row's change in turn, is
+measured (warm-up, then ``--repeats`` calls) and restored, rows in the order eager, compile, compile-regional,
+accelerate (CUDA graphs, no compile), accelerate-compile (``--full``).
 
 Cases. CPU: ``sd15-256`` (SD-1.5 U-Net and VAE in a StableDiffusionPipeline, 256x256, batch 1, guidance 7.5,
 its default PNDM scheduler, prompt embeddings given: no text encoder) and ``ddpm-cifar10`` (DDPM-CIFAR10
@@ -31,6 +40,8 @@ and diffusers-bf16 over fp32 (the precision's part).
     python benchmarks/bench_diffusers.py --threads 2 --save               # CPU: the issue's measurement
     python benchmarks/bench_diffusers.py --tiny --repeats 1               # seconds: proves every row runs
     python benchmarks/bench_diffusers.py --device cuda --save [--full]    # GPU
+    python benchmarks/bench_diffusers.py --cases flux-768 --threads 2 --save          # CPU: the pinned Flux config
+    python benchmarks/bench_diffusers.py --device cuda --cases flux-dev-1024 --save  # GPU: Flux-dev 1024, 28 steps
 
 ``--save`` writes ``benchmarks/results/bench_diffusers-{device}.json`` (or under ``--out``) and a PNG chart
 next to it; without it nothing is written.
@@ -54,6 +65,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import RESULTS_DIR, device_info, device_label, print_table, synchronize  # noqa: E402
+from transformer_cases import (  # noqa: E402
+    CPU_TRANSFORMER_CASES,
+    GPU_TRANSFORMER_CASES,
+    compile_blocks,
+    sequential_rows,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Models from the released configs (tiny: the same block types at toy widths, for --tiny)
@@ -152,7 +169,8 @@ def _vae_model(tiny: bool, device, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# Cases: name -> (build(tiny, device, dtype) -> obj, call(obj, steps, device) -> run, images per call, kind)
+# Cases: name -> (build(tiny, device, dtype) -> obj, call(obj, steps, device, tiny) -> run, images per call, kind,
+# steps: None for --steps)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -165,7 +183,7 @@ def _sd_case(size, tiny_size, batch, guidance, xl, latents_out):
         return _sd_call(pipe, size=tiny_size if tiny else size, batch=batch, guidance=guidance, steps=steps, xl=xl,
                         latents_out=latents_out, device=device)
 
-    return build, call, batch, "pipeline"
+    return build, call, batch, "pipeline", None
 
 
 def _ddpm_case(batch):
@@ -173,7 +191,7 @@ def _ddpm_case(batch):
         return lambda: pipe(batch_size=batch, num_inference_steps=steps, output_type="pt",  # "np" fails for bf16
                             generator=torch.Generator(device="cpu").manual_seed(1))
 
-    return lambda tiny, device, dtype: _ddpm_pipeline(tiny, device, dtype), call, batch, "pipeline"
+    return lambda tiny, device, dtype: _ddpm_pipeline(tiny, device, dtype), call, batch, "pipeline", None
 
 
 def _vae_case(size):
@@ -182,15 +200,15 @@ def _vae_case(size):
         z = torch.randn(1, 4, lat, lat, generator=torch.Generator().manual_seed(0)).to(device, vae.dtype)
         return lambda: vae.decode(z).sample
 
-    return _vae_model, call, 1, "vae"
+    return _vae_model, call, 1, "vae", 1
 
 
 CPU_CASES = {"sd15-256": _sd_case(256, 64, 1, 7.5, xl=False, latents_out=False),
-             "ddpm-cifar10": _ddpm_case(8)}
+             "ddpm-cifar10": _ddpm_case(8), **CPU_TRANSFORMER_CASES}
 GPU_CASES = {"sd15-512": _sd_case(512, 64, 1, 7.5, xl=False, latents_out=True),
              "sd15-512-b8": _sd_case(512, 64, 8, 7.5, xl=False, latents_out=True),
              "sdxl-1024": _sd_case(1024, 64, 1, 5.0, xl=True, latents_out=True),
-             "vae-decode-1024": _vae_case(1024)}
+             "vae-decode-1024": _vae_case(1024), **GPU_TRANSFORMER_CASES}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,16 +219,20 @@ GPU_CASES = {"sd15-512": _sd_case(512, 64, 1, 7.5, xl=False, latents_out=True),
 def _hand_tuned(obj, kind):
     """diffusers as a user tunes it: bf16 (already), channels_last convolutions, SDPA (the default)."""
     obj = copy.deepcopy(obj)
-    convs = [obj] if kind == "vae" else [m for m in (obj.unet, getattr(obj, "vae", None)) if m is not None]
+    convs = [obj] if kind == "vae" else [m for m in (getattr(obj, "unet", None), getattr(obj, "vae", None))
+                                         if m is not None]
     for m in convs:
         m.to(memory_format=torch.channels_last)
     return obj
 
 
-def _compiled(obj, kind, mode):
+def _compiled(obj, kind, mode, regional=False):
     obj = _hand_tuned(obj, kind)
-    target = obj.decoder if kind == "vae" else obj.unet
-    target.compile(**({"mode": mode} if mode else {}))
+    target = obj.decoder if kind == "vae" else getattr(obj, "unet", None) or obj.transformer
+    if regional:
+        compile_blocks(target)
+    else:
+        target.compile(**({"mode": mode} if mode else {}))
     return obj
 
 
@@ -225,6 +247,9 @@ def make_rows(case: str, args, device, base_fp32, base_bf16) -> dict:
     rows["diffusers-bf16"] = (_hand_tuned(base_bf16, kind), "bf16, channels_last, SDPA")
     if not args.no_compile:
         rows["diffusers-bf16-compile"] = (_compiled(base_bf16, kind, None), "torch.compile default mode")
+        if kind == "transformer":
+            rows["diffusers-bf16-compile-regional"] = (_compiled(base_bf16, kind, None, regional=True),
+                                                       "torch.compile of each repeated block")
         if args.full and device.type == "cuda":
             rows["diffusers-bf16-max-autotune"] = (_compiled(base_bf16, kind, "max-autotune"), "max-autotune")
     obj = copy.deepcopy(base_bf16)
@@ -292,8 +317,10 @@ def timed(run, device) -> float:
 
 
 def bench_case(case: str, args, device) -> list[dict]:
-    build, call, batch, kind = (CPU_CASES | GPU_CASES)[case]
-    steps = args.steps if kind != "vae" else 1
+    build, call, batch, kind, case_steps = (CPU_CASES | GPU_CASES)[case]
+    if device.type == "cuda" and kind == "transformer":
+        return bench_case_sequential(case, args, device)
+    steps = case_steps or args.steps or 20
     print(f"{case}: building models", flush=True)
     base_fp32 = build(args.tiny, device, torch.float32) if device.type == "cpu" else None
     base_bf16 = copy.deepcopy(base_fp32).to(torch.bfloat16) if base_fp32 is not None else \
@@ -305,7 +332,7 @@ def bench_case(case: str, args, device) -> list[dict]:
         for name, run in fd_sample_rows(base_fp32 or base_bf16, steps, batch, device, args).items():
             runs[name], notes[name] = run, "fastdiff.sample, DDIM, the engine's policy"
     for obj, _ in rows.values():
-        if kind == "pipeline":
+        if kind in ("pipeline", "transformer"):
             obj.set_progress_bar_config(disable=True)
     warm = {}
     with torch.inference_mode():
@@ -319,17 +346,41 @@ def bench_case(case: str, args, device) -> list[dict]:
         share = {}
         if device.type == "cpu" and not args.no_profile:
             share = {name: outside_matrix_share(run) for name, run in runs.items()}
+    out = [_row(case, name, batch, steps, times[name], warm[name], notes[name], share.get(name)) for name in runs]
+    add_ratios(out)
+    return out
+
+
+def _row(case, name, batch, steps, times, warm, note, share=None) -> dict:
+    sec = statistics.median(times)
+    row = {"case": case, "variant": name, "batch": batch, "steps": steps, "seconds": sec,
+           "images_per_s": batch / sec, "ms_per_step": 1e3 * sec / steps, "warmup_s": warm, "note": note}
+    if share is not None:
+        row["outside_matrix_share"] = share
+    print(f"  {name:32s} {sec:8.3f} s  {batch / sec:7.3f} images/s  {row['ms_per_step']:8.1f} ms/step", flush=True)
+    return row
+
+
+def bench_case_sequential(case: str, args, device) -> list[dict]:
+    """A transformer pipeline on a GPU: one bf16 pipeline, each row's change applied, measured (the warm-up call
+    timed on its own: compilation, CUDA-graph capture, autotuning) and undone before the next row."""
+    build, call, batch, kind, case_steps = GPU_CASES[case]
+    steps = case_steps or args.steps or 20
+    print(f"{case}: building the bf16 pipeline on {device}", flush=True)
+    pipe = build(args.tiny, device, torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    run = call(pipe, steps, device, args.tiny)
     out = []
-    for name in runs:
-        sec = statistics.median(times[name])
-        row = {"case": case, "variant": name, "batch": batch, "steps": steps, "seconds": sec,
-               "images_per_s": batch / sec, "ms_per_step": 1e3 * sec / steps, "warmup_s": warm[name],
-               "note": notes[name]}
-        if name in share:
-            row["outside_matrix_share"] = share[name]
-        out.append(row)
-        print(f"  {name:28s} {sec:8.3f} s  {batch / sec:7.3f} images/s  {row['ms_per_step']:8.1f} ms/step",
-              flush=True)
+    for name, apply in sequential_rows(args.full, not args.no_compile):
+        undo, note = apply(pipe)
+        try:
+            with torch.inference_mode():
+                warm = timed(run, device)
+                print(f"  {name:32s} warm-up {warm:8.2f} s", flush=True)
+                times = [timed(run, device) for _ in range(args.repeats)]
+        finally:
+            undo()
+        out.append(_row(case, name, batch, steps, times, warm, note if isinstance(note, str) else _report_note(note)))
     add_ratios(out)
     return out
 
@@ -346,7 +397,8 @@ def add_ratios(rows: list[dict]) -> None:
     by = {r["variant"]: r["images_per_s"] for r in rows}
     for r in rows:
         for key, base in (("x_fp32", "diffusers-fp32"), ("x_bf16", "diffusers-bf16"),
-                          ("x_bf16_compile", "diffusers-bf16-compile")):
+                          ("x_bf16_compile", "diffusers-bf16-compile"),
+                          ("x_bf16_compile_regional", "diffusers-bf16-compile-regional")):
             if base in by:
                 r[key] = r["images_per_s"] / by[base]
 
@@ -399,7 +451,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cases", nargs="+", default=None, help=f"CPU: {list(CPU_CASES)}; GPU: {list(GPU_CASES)}")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default 20; flux-dev-1024: 28, pixart-sigma-1024: 20)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--full", action="store_true", help="GPU: add max-autotune and accelerate-compile rows")
@@ -421,7 +474,7 @@ def main(argv=None) -> None:
     bad = [c for c in cases if c not in CPU_CASES | GPU_CASES]
     if bad:
         raise SystemExit(f"--cases: unknown {bad}; CPU: {list(CPU_CASES)}, GPU: {list(GPU_CASES)}")
-    if args.steps < 1 or args.repeats < 1:
+    if (args.steps is not None and args.steps < 1) or args.repeats < 1:
         raise SystemExit("--steps and --repeats must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -431,7 +484,8 @@ def main(argv=None) -> None:
     rows = []
     for case in cases:
         rows += bench_case(case, args, device)
-    cols = ["case", "variant", "images_per_s", "ms_per_step", "warmup_s", "x_bf16", "x_bf16_compile"]
+    cols = ["case", "variant", "images_per_s", "ms_per_step", "warmup_s", "x_bf16", "x_bf16_compile",
+            "x_bf16_compile_regional"]
     cols += ["x_fp32", "outside_matrix_share"] if device.type == "cpu" else []
     print_table(rows, cols)
     if args.save:

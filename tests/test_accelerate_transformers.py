@@ -428,3 +428,12 @@ def test_regional_compile_traces_the_patched_blocks(name, blocks):
     assert rel_l2(run(model, inputs), ref) <= 1e-5
     report.undo()
     assert all(m._compiled_call_impl is None for m in model.modules())
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_layer_norm_modulate_fake_matches_transposed_tokens(backend):
+    """PixArt's and DiT's patch embedding gives tokens as (B, L, D) views of (B, D, L) memory: the op's output
+    layout must be what its fake says there, or inductor's stride asserts fail in the compiled model."""
+    x = torch.randn(2, 8, 16).transpose(1, 2)  # (B, L, D), transposed memory
+    s, t = torch.randn(2, 8), torch.randn(2, 8)
+    torch.library.opcheck(torch.ops.fastdiff.layer_norm_modulate.default, (x, s, t, None, None, 1e-6, backend))

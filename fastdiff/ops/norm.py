@@ -350,8 +350,11 @@ def layer_norm_modulate_native(x, scale=None, shift=None, weight=None, bias=None
     y, mean, rstd = torch.ops.aten.native_layer_norm(x, x.shape[-1:], weight, bias, eps)
     if _offset_too_large(x, mean, rstd):
         y = torch.nn.functional.layer_norm(x - x[..., :1], x.shape[-1:], weight, bias, eps)
-    return _modulate_inplace(y, None if scale is None else scale[:, None, :],
-                             None if shift is None else shift[:, None, :])
+    y = _modulate_inplace(y, None if scale is None else scale[:, None, :],
+                          None if shift is None else shift[:, None, :])
+    if not x.is_contiguous():  # ATen's output is contiguous; the op's (and its fake's) is laid out like x
+        y = torch.empty_like(x).copy_(y)
+    return y
 
 
 def layer_norm_modulate_backward_reference(grad, x, scale, shift, weight, bias, eps):

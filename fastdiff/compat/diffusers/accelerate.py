@@ -14,9 +14,10 @@ What it does, in order (nothing is changed when ``strict=True`` finds a reason t
    own dtype) and the convolutional ones to channels_last where the policy says it pays. The original tensors
    of a dtype conversion are kept for :meth:`AccelerateReport.undo` (on the CPU when the model is on CUDA); a
    layout-only change keeps nothing (undo copies the values back into the original strides).
-2. **patches** (:mod:`patches_unet`, :mod:`patches_vae`): each module of a patched class whose structure and code
-   match what its patch was checked against gets the fused forward; every other one is listed in
-   ``report.skipped`` with the reason.
+2. **patches** (:mod:`patches_unet`, :mod:`patches_vae`; for diffusion transformers :mod:`patches_transformer`
+   (the adaLN norms), :mod:`patches_dit` (DiT, PixArt), :mod:`patches_mmdit` (SD3, SD3.5), :mod:`patches_flux`):
+   each module of a patched class whose structure and code match what its patch was checked against gets the
+   fused forward; every other one is listed in ``report.skipped`` with the reason.
 3. **scheduler**: the pipeline's scheduler is replaced by the fastdiff drop-in of the same class name built
    ``from_config`` (:mod:`fastdiff.compat.diffusers`), when there is one and it accepts the config.
 4. **the denoiser's forward** (``pipe.unet`` / ``pipe.transformer``, or a bare model with a ``timestep``
@@ -396,7 +397,8 @@ def accelerate(obj, *, dtype=None, channels_last: Optional[bool] = None, cuda_gr
     Args:
         obj: a ``DiffusionPipeline`` (every torch component is handled; the denoiser is ``unet`` or
             ``transformer``) or a bare diffusers model (``UNet2DModel``, ``UNet2DConditionModel``,
-            ``AutoencoderKL``, ...).
+            ``AutoencoderKL``, ``DiTTransformer2DModel``, ``PixArtTransformer2DModel``,
+            ``SD3Transformer2DModel``, ``FluxTransformer2DModel``, ...).
         dtype: the dtype to run in; None: the policy's (:func:`fastdiff.policy.default_dtype`: bf16 on CUDA and
             on CPUs with native bf16, else float32) for a float32 model, or the model's own low precision.
         channels_last: None: where :func:`fastdiff.policy.use_channels_last` says it pays (convolutional

@@ -57,21 +57,31 @@ ADA_LAYER_NORM_CONTINUOUS_FORWARD = {"ccad75356bb94473": "0.29.0-0.42.1"}
 def layer_norm_modulated(norm: nn.LayerNorm, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``norm(x) * (1 + scale[:, None]) + shift[:, None]`` for x (N, L, D) and scale / shift (N, D): one
     ``fd.ops.layer_norm_modulate`` with the LayerNorm's eps and affine (float32 statistics, one rounding),
-    or diffusers' expression where the inputs do not fit the op (dtypes that differ, other shapes)."""
+    or diffusers' expression where the inputs do not fit the op (dtypes that differ, other shapes).
+
+    The output is contiguous, as LayerNorm's: tokens that arrive transposed (PixArt's and DiT's patch
+    embedding gives (B, L, D) views of (B, D, L) memory) are made contiguous first, so the projections that
+    read the output get dense rows."""
     n = x.shape[0] if x.dim() == 3 else -1
     d = x.shape[-1]
     w, b = norm.weight, norm.bias
     if (x.dim() == 3 and scale.shape == (n, d) and shift.shape == (n, d) and scale.dtype == shift.dtype == x.dtype
             and scale.device == x.device == shift.device and x.is_floating_point()
             and all(t is None or t.dtype in (x.dtype, torch.float32) for t in (w, b))):
-        return ops.layer_norm_modulate(x, scale=scale, shift=shift, weight=w, bias=b, eps=norm.eps)
+        return ops.layer_norm_modulate(x.contiguous(), scale=scale, shift=shift, weight=w, bias=b, eps=norm.eps)
     return norm(x) * (1 + scale[:, None]) + shift[:, None]
 
 
 def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
     """``x + gate * y`` (gate broadcast over the tokens) in one pass (``torch.addcmul``) where the three share a
-    dtype and y has x's shape; else diffusers' two-step expression. x is not changed."""
+    dtype and y has x's shape; else diffusers' two-step expression. x is not changed.
+
+    The sum is laid out like the branch y (a fresh, dense activation) when x is laid out otherwise (the
+    transposed tokens of a patch embedding): addcmul would follow x's layout, and every later block would
+    then read and write the residual stream transposed."""
     if x.shape == y.shape and x.dtype == y.dtype == gate.dtype:
+        if x.stride() != y.stride() and y.is_contiguous():
+            x = x.contiguous()
         return torch.addcmul(x, gate, y)
     return x + gate * y
 
