@@ -206,10 +206,21 @@ def test_gradients_match_unpatched(name):
 
 
 @pytest.mark.parametrize("name", ["pixart", "dit", "sd35", "flux"])
-def test_triton_kernels_through_the_patched_model(name, monkeypatch):
+def test_triton_kernels_through_the_patched_model(name, kernel_device, monkeypatch):
+    """Under the interpreter on the CPU in float32 (<= 1e-4); on a GPU in float16, within twice the error of
+    diffusers' own float16 model."""
     model, inputs = MODELS[name](batch=1)
     ref = run(model, inputs)
-    report = accelerate(model, dtype=torch.float32)
+    dtype, tol = torch.float32, 1e-4  # DESIGN.md: the attention kernel's float32 tolerance
+    if kernel_device != "cpu":
+        model.to(kernel_device)
+        inputs = {k: v.to(kernel_device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        theirs = copy.deepcopy(model).half()
+        half = {k: v.half() if torch.is_tensor(v) and v.is_floating_point() and k not in ("timestep", "img_ids",
+                                                                                           "txt_ids") else v
+                for k, v in inputs.items()}
+        dtype, tol = torch.float16, 2 * rel_l2(run(theirs, half).float().cpu(), ref) + 1e-3
+    report = accelerate(model, dtype=dtype, cuda_graph=False)
     calls = []
     import fastdiff.kernels.attention as ka
     import fastdiff.kernels.modulated_norm as kn
@@ -219,8 +230,8 @@ def test_triton_kernels_through_the_patched_model(name, monkeypatch):
         real = getattr(mod, fname)
         monkeypatch.setattr(mod, fname, lambda *a, _real=real, _n=fname, **k: calls.append(_n) or _real(*a, **k))
     with ops.backend("triton"):
-        out = run(model, inputs)
-    assert rel_l2(out, ref) <= 1e-4  # DESIGN.md: the attention kernel's float32 tolerance
+        out = run(model, inputs).float().cpu()
+    assert rel_l2(out, ref) <= tol
     norms, qk, attn = OP_CALLS[name]
     assert calls.count("layer_norm_modulate_forward") == norms
     assert calls.count("qk_norm_rope_forward") == qk
