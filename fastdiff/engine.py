@@ -376,7 +376,8 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
            spacing: str = "karras", sigmas=None, timesteps=None, sampler_options: Optional[dict] = None,
            model_kwargs: Optional[dict] = None, channels_last: Optional[bool] = None,
            memory_budget: Optional[float] = None, distributed: Optional[bool] = None,
-           backend: Optional[str] = None, callback: Optional[Callable] = None, **runtime_kwargs) -> Tensor:
+           backend: Optional[str] = None, callback: Optional[Callable] = None, decode: bool = False,
+           **runtime_kwargs) -> Tensor:
     """Draw ``shape[0]`` samples. Returns (N, C, ...) float32 on ``device``.
 
     Args:
@@ -407,7 +408,12 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
         distributed: shard over an initialised process group (None: when one with > 1 rank exists).
         backend: the ops' backend word for the update ("auto" | "triton" | "reference").
         callback: called after each row as in :func:`fastdiff.samplers.sample_loop` (eager loop only).
+        decode: return images: a latent model's samples go through its VAE (:meth:`Denoiser.decode`, a
+            Denoiser from ``fastdiff.load(..., vae=...)``); a pixel model's come back unchanged.
     """
+    if decode and not (isinstance(denoiser_or_model, Denoiser) and denoiser_or_model.can_decode()):
+        raise ValueError("decode=True needs a Denoiser that is a pixel model or has a VAE: "
+                         "fastdiff.load(..., vae=AutoencoderKL or its folder)")
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     if sampler not in SAMPLERS:
@@ -438,12 +444,13 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
                               f"(pip install 'fastdiff[onnx]'): {e}") from e
         if not isinstance(denoiser_or_model, (Denoiser, str, os.PathLike)):
             denoiser_or_model = _as_denoiser(denoiser_or_model, schedule, prediction, learned_sigma)
-        return sample_onnxruntime(denoiser_or_model, shape, sampler=sampler, steps=steps,
+        out = sample_onnxruntime(denoiser_or_model, shape, sampler=sampler, steps=steps,
                                   guidance_scale=guidance_scale, y=y, seeds=seed_list, device=device,
                                   dtype=dtype,
                                   progress=progress, schedule=schedule, sigmas=sigmas, timesteps=timesteps,
                                   spacing=spacing, sampler_options=sampler_options, y_null=y_null,
                                   **runtime_kwargs)
+        return denoiser_or_model.decode(out) if decode else out
     if runtime_kwargs:
         raise ValueError(f"unexpected keyword arguments for runtime='torch': {sorted(runtime_kwargs)}")
 
@@ -508,9 +515,8 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
             local[j * batch_size: j * batch_size + (c1 - c0)].copy_(x)
     if bar is not None:
         bar.close()
-    if world == 1:
-        return local[:n]
-    return _gather(local, chunks, batch_size, world, sample_shape, device)
+    out = local[:n] if world == 1 else _gather(local, chunks, batch_size, world, sample_shape, device)
+    return denoiser.decode(out) if decode else out
 
 
 def _chunk_kwargs(model_kwargs: Optional[dict], n: int, c0: int, c1: int) -> Optional[dict]:

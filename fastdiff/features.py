@@ -282,7 +282,8 @@ class FeatureExtractor:
         model: a zoo model (ADMUNet, ADMClassifier, DDPMUNet, DiT, UViT), any ``nn.Module`` called as
             ``model(x, t)`` / ``model(x, t, y=y)``, or a :class:`fastdiff.Denoiser` (its model, its
             schedule when ``schedule`` is None, its ``y_null`` as the null label: the bundled digits model).
-        schedule: a :class:`fastdiff.schedules.VPSchedule` (``add_noise``, ``num_train_timesteps``).
+        schedule: a :class:`fastdiff.schedules.VPSchedule` (``add_noise``, ``num_train_timesteps``); None
+            with a Denoiser (``FeatureExtractor(fastdiff.load("digits"), layers=..., timesteps=...)``).
         layers: module names (see :func:`layer_names`); the forward stops after the deepest.
         timesteps: integer timesteps in ``[0, num_train_timesteps - 1]``, no repeats.
         ensemble: noise draws per (image, timestep); features are their mean (DIFT).
@@ -304,7 +305,7 @@ class FeatureExtractor:
         dtype: dtype of the returned features (default float32; None keeps the model's).
     """
 
-    def __init__(self, model: nn.Module, schedule, layers: Sequence[str] = None,
+    def __init__(self, model: nn.Module, schedule=None, layers: Sequence[str] = None,
                  timesteps: Sequence[int] = None,
                  ensemble: int = 1, seed: int = 0, pool: Optional[str] = None,
                  upsample_to: Union[None, str, int, tuple] = None, concat: bool = False,
@@ -318,6 +319,8 @@ class FeatureExtractor:
             model = model.model
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module or a fastdiff Denoiser, got {type(model).__name__}")
+        if schedule is None:
+            raise ValueError("schedule: pass the model's schedule, or a fastdiff Denoiser (fastdiff.load) alone")
         if not hasattr(schedule, "add_noise") or not hasattr(schedule, "num_train_timesteps"):
             raise ValueError("schedule must be a discrete VP schedule (fastdiff.schedules.VPSchedule)")
         self.model, self.schedule = model, schedule
@@ -388,6 +391,8 @@ class FeatureExtractor:
         m = self.model
         if self._y_null is not None:
             return int(self._y_null)
+        if getattr(m, "y_null", None) is not None:  # set by fastdiff.models.preset and fastdiff.load
+            return int(m.y_null)
         if getattr(m, "null_label", None) is not None:
             return int(m.null_label)
         if isinstance(m, DiT):
@@ -396,6 +401,8 @@ class FeatureExtractor:
                 return m.num_classes
             raise ValueError("y: this DiT has no null label (class_dropout_prob=0); pass class labels")
         if isinstance(m, UViT):
+            if m.num_classes > 0 and "y_null" in vars(m):  # the preset says none (U-ViT's ImageNet 64 model)
+                raise ValueError("y: this UViT is class-conditional and has no null label; pass class labels")
             return m.num_classes - 1 if m.num_classes > 0 else None
         if isinstance(m, ADMUNet) and m.num_classes is not None:
             raise ValueError("y: this ADMUNet is class-conditional and has no null label; pass class labels")
@@ -862,8 +869,9 @@ def correspondence(source: Tensor, target: Tensor, points: Optional[Tensor] = No
 def add_features_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``fastdiff features`` (for fastdiff/cli.py's subparser)."""
     parser.add_argument("--model", required=True,
-                        help="a preset name (fastdiff.models.PRESETS) or 'digits' (the bundled model)")
-    parser.add_argument("--checkpoint", default=None, help="weights (.safetensors / .pt) for the model")
+                        help="'digits' (bundled), a preset name with --checkpoint, a checkpoint file, a "
+                             "diffusers UNet2DModel folder or an .onnx model graph (what fastdiff.load takes)")
+    parser.add_argument("--checkpoint", default=None, help="weights (.safetensors / .pt) for a preset")
     parser.add_argument("--input", required=True,
                         help="a folder of images (png/jpg, scaled to [-1, 1]) or 'digits' (the held-out "
                              "quarter of scikit-learn's digits)")
@@ -880,9 +888,12 @@ def add_features_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                         "(default: the null label)")
     parser.add_argument("--batch-size", type=int, default=None, help="rows per forward")
     parser.add_argument("--images-per-shard", type=int, default=64)
-    parser.add_argument("--beta-schedule", default="linear")
-    parser.add_argument("--num-train-timesteps", type=int, default=1000)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--beta-schedule", default=None,
+                        help="replace the model's schedule (default: the one fastdiff.load gives)")
+    parser.add_argument("--num-train-timesteps", type=int, default=None,
+                        help="with --beta-schedule: its number of steps (default 1000)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the model runs")
     return parser
 
 
@@ -903,24 +914,15 @@ def _read_image_folder(folder: str, size: int, channels: int) -> Tensor:
 
 
 def _model_for_cli(args):
-    """(model or Denoiser, schedule or None) for --model / --checkpoint."""
-    from fastdiff.models import PRESETS, preset
+    """The Denoiser of --model / --checkpoint (fastdiff.load: the CLI knows nothing a model does not say)."""
+    from fastdiff.loading import load
 
-    if args.model == "digits":
-        from fastdiff.models.digits import load_digits_model
+    schedule = None
+    if args.beta_schedule is not None or args.num_train_timesteps is not None:
+        from fastdiff.schedules import VPSchedule
 
-        return load_digits_model(args.checkpoint), None
-    if args.model not in PRESETS:
-        raise ValueError(f"--model: unknown model {args.model!r}; use 'digits' or a preset name")
-    model = preset(args.model)
-    if args.checkpoint:
-        if args.checkpoint.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            sd = load_file(args.checkpoint)
-        else:
-            sd = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(sd, strict=True)
-    return model, None
+        schedule = VPSchedule(args.beta_schedule or "linear", num_train_timesteps=args.num_train_timesteps or 1000)
+    return load(args.model, checkpoint=args.checkpoint, schedule=schedule)
 
 
 def _image_geometry(model: nn.Module) -> tuple[int, int]:
@@ -938,16 +940,14 @@ def features_command(args) -> int:
     Under ``torchrun`` each rank extracts every WORLD_SIZE-th shard and writes its own index; the index
     of all is merged by rank 0 (with torch.distributed initialised) or on first :func:`load_features`.
     """
-    from fastdiff.schedules import VPSchedule
-
-    model, schedule = _model_for_cli(args)
-    net = model if isinstance(model, nn.Module) else model.model
+    model = _model_for_cli(args)
+    net = model.model
+    if not isinstance(net, nn.Module):
+        raise ValueError(f"--model: features need a PyTorch model; {args.model!r} is not one")
     device = args.device
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank, batches split by rank
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     net.to(device).eval()
-    if schedule is None and isinstance(model, nn.Module):
-        schedule = VPSchedule(args.beta_schedule, num_train_timesteps=args.num_train_timesteps)
     size, channels = _image_geometry(net)
     labels = None
     if args.input == "digits":
@@ -968,7 +968,7 @@ def features_command(args) -> int:
         up = args.upsample
         kwargs["upsample_to"] = up if up == "input" else (
             tuple(int(v) for v in up.lower().split("x")) if "x" in up.lower() else int(up))
-    fx = FeatureExtractor(model, schedule, seed=args.seed, y=args.label, **kwargs)
+    fx = FeatureExtractor(model, seed=args.seed, y=args.label, **kwargs)
     k = args.images_per_shard
     batches = [(images[i:i + k], labels[i:i + k]) if labels is not None else images[i:i + k]
                for i in range(0, images.shape[0], k)]
