@@ -318,7 +318,7 @@ class Denoiser:
         device = param.device if param is not None else samples.device
         dtype = param.dtype if param is not None else torch.float32
         out = []
-        for z in samples.split(max(1, int(batch_size))):
+        for z in samples.split(max(1, int(batch_size))) if samples.shape[0] else ():
             img = self.vae.decode(z.to(device=device, dtype=dtype) / float(scale) + float(shift))
             img = getattr(img, "sample", img)
             out.append(img.float().clamp(-1, 1).to(samples.device))

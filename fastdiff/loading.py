@@ -216,7 +216,10 @@ def _load_diffusers_folder(folder: str, *, vae, device, dtype, schedule, predict
     except (ValueError, TypeError):
         supported = False
     if supported:
-        model = _reading(unet_dir, "folder", lambda: DDPMUNet.from_pretrained(unet_dir))
+        weights = [os.path.join(unet_dir, f"diffusion_pytorch_model{e}") for e in (".safetensors", ".bin")]
+        shown = next((w for w in weights if os.path.isfile(w)), unet_dir)  # name the file that failed
+        _check_path(shown, "weights")
+        model = _reading(shown, "weights", lambda: DDPMUNet.from_pretrained(unet_dir))
     else:  # a UNet2DModel configuration the zoo's DDPMUNet does not build: diffusers' own class runs it
         model = _diffusers_unet(unet_dir)
     model.to(device=device, dtype=dtype).eval().requires_grad_(False)
