@@ -93,3 +93,27 @@ def test_flop_formula_registered_on_first_count():
     with FlopCounterMode(display=False) as counter:
         torch.ops.fastdiff.attention(q, q, q, 0.25, "reference")
     assert counter.get_total_flops() == 2 * 1 * 2 * 4 * 4 * (8 + 8)
+
+
+def test_running_ops_and_the_cli_stays_off_dynamo():
+    """torch wraps custom-op implementations in a dynamo-disable that imports torch._dynamo on first call;
+    fastdiff.ops defers that until dynamo is imported by something else (then torch's own wrapper takes
+    over on that call)."""
+    code = (
+        "import json, sys, torch, fastdiff as fd\n"
+        "from fastdiff.cli import main\n"
+        "x = torch.randn(2, 4, 3, 3)\n"
+        "fd.ops.group_norm_modulate(x, 2, activation='silu')\n"
+        "q = torch.randn(1, 1, 4, 8)\n"
+        "fd.ops.attention(q, q, q)\n"
+        "assert main(['sample', '--n', '2', '--steps', '2', '--quiet', '--out', '']) == 0\n"
+        "before = 'torch._dynamo' in sys.modules\n"
+        "import torch._dynamo\n"
+        "from torch._library import custom_ops\n"
+        "y = fd.ops.group_norm_modulate(x, 2, activation='silu')\n"
+        "impl = custom_ops.OPDEFS['fastdiff::group_norm_modulate']._backend_fns[None].__wrapped__\n"
+        "cached = vars(impl).get('__dynamo_disable')\n"
+        "print(json.dumps({'before': before, 'torch_took_over': cached is not None and cached.__name__ != 'direct'}))\n"
+    )
+    got = _run(code)
+    assert got == {"before": False, "torch_took_over": True}, got
