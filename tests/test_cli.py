@@ -70,6 +70,28 @@ def test_cli_and_api_give_the_same_samples(tmp_path):
     np.testing.assert_allclose(np.load(npz)["samples"], ref.clamp(-1, 1).numpy(), rtol=0, atol=1e-6)
 
 
+def test_latent_preset_with_vae_writes_images(tmp_path, capsys, monkeypatch):
+    """--model PRESET --checkpoint --vae: the samples are decoded to RGB images; without --vae, latents."""
+    diffusers = pytest.importorskip("diffusers")
+    from fastdiff import models
+
+    tiny = dict(input_size=8, depth=1, hidden_size=32, num_heads=2, num_classes=4)
+    monkeypatch.setitem(models.PRESETS, "tiny-dit", (models.DiT, {**models.PRESETS["dit-s-8-256"][1], **tiny}))
+    monkeypatch.setitem(models.SAMPLING, "tiny-dit", models.SAMPLING["dit-s-8-256"])
+    torch.save(models.preset("tiny-dit").state_dict(), tmp_path / "tiny.pt")
+    diffusers.AutoencoderKL(latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
+                            down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2).save_pretrained(tmp_path / "vae")
+    common = ["sample", "--model", "tiny-dit", "--checkpoint", str(tmp_path / "tiny.pt"), "--n", "2", "--steps",
+              "1", "--quiet", "--out", str(tmp_path / "g.png"), "--save", str(tmp_path / "s.npz")]
+    assert run_cli(*common, "--vae", str(tmp_path / "vae")) == 0
+    assert np.load(tmp_path / "s.npz")["samples"].shape == (2, 3, 16, 16)
+    assert Image.open(tmp_path / "g.png").mode == "RGB"
+    assert run_cli(*common) == 0
+    assert np.load(tmp_path / "s.npz")["samples"].shape == (2, 4, 8, 8)
+    assert "latents" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------
 # errors: one line on stderr, exit status 2, no traceback
 # ---------------------------------------------------------------------------------------------
