@@ -81,33 +81,32 @@ def load(source: _PathLike, checkpoint: Optional[_PathLike] = None, *, vae=None,
         if _ALIASES.get(prediction, prediction) not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS} or None, got {prediction!r}")
     device = _device(device)
+    from fastdiff.policy import as_dtype
+
+    dtype = as_dtype(dtype)
     if isinstance(vae, (str, os.PathLike)) and not os.path.exists(vae):  # before any model is built
         raise FileNotFoundError(f"vae folder {os.fspath(vae)!r} does not exist")
     name = os.fspath(source)
+    if providers is not None and not (name.lower().endswith(".onnx") and os.path.isfile(name)):
+        raise ValueError("providers= is for .onnx sources")
     opts = dict(vae=vae, device=device, dtype=dtype, schedule=schedule, prediction=prediction)
     from fastdiff.models import PRESETS
 
-    if name == "digits" or name in PRESETS:
-        if providers is not None:
-            raise ValueError("providers= is for .onnx sources")
-        if name == "digits":
-            if random_weights or overrides:
-                raise ValueError("random_weights and overrides are for presets; 'digits' is one trained model")
-            return _load_digits(checkpoint, **opts)
+    if name == "digits":
+        if random_weights or overrides:
+            raise ValueError("random_weights and overrides are for presets; 'digits' is one trained model")
+        return _load_digits(checkpoint, **opts)
+    if name in PRESETS:
         return _load_preset(name, checkpoint, random_weights, overrides or {}, **opts)
     extra = [k for k, v in (("checkpoint", checkpoint), ("overrides", overrides)) if v is not None]
     extra += ["random_weights"] if random_weights else []
     if extra:
         raise ValueError(f"{', '.join(extra)}: only with 'digits' or a preset name; {name!r} is neither")
     if os.path.isdir(name):
-        if providers is not None:
-            raise ValueError("providers= is for .onnx sources")
         return _load_diffusers_folder(name, **opts)
     if os.path.exists(name):
         if name.lower().endswith(".onnx"):
             return _load_onnx(name, providers=providers, **opts)
-        if providers is not None:
-            raise ValueError("providers= is for .onnx sources")
         if name.lower().endswith(CHECKPOINT_SUFFIXES):
             return _load_checkpoint_alone(name, **opts)
         raise ValueError(f"{name!r} is not a source fastdiff.load reads: an .onnx graph, a checkpoint "
@@ -178,12 +177,13 @@ def _load_checkpoint_alone(path: str, **opts) -> Denoiser:
         return _load_digits(path, **opts)
     state = _reading(path, "checkpoint", lambda: models.read_state_dict(path))
     shapes = {k: tuple(v.shape) for k, v in state.items()}
-    found = []
+    found, first_keys = [], {}
     for name, (cls, kwargs) in models.PRESETS.items():
-        if models.SAMPLING[name]["kind"] != "denoiser":
-            continue
-        with torch.device("meta"):
+        if models.SAMPLING[name]["kind"] != "denoiser" or first_keys.get(cls, next(iter(shapes), None)) not in shapes:
+            continue  # a family whose first parameter the checkpoint lacks: none of its presets can match
+        with torch.device("meta"):  # names and shapes without allocating
             ref = cls(**kwargs).state_dict()
+        first_keys.setdefault(cls, next(iter(ref), None))
         if len(ref) == len(shapes) and all(shapes.get(k) == tuple(v.shape) for k, v in ref.items()):
             found.append(name)
     if not found:

@@ -79,6 +79,8 @@ def test_every_preset_has_sampling_facts_and_a_buildable_schedule():
     for name, facts in models.SAMPLING.items():
         sched = schedule_from_config(facts["schedule"])
         assert sched.sigma_max > sched.sigma_min > 0, name
+        x = models.preset(name, device="meta").example_inputs(1)["x"]  # the shape the model takes
+        assert models.preset_info(name)["sample_shape"] == tuple(x.shape[1:]), name
     assert models.SAMPLING["dit-s-2-256"]["schedule"] == LINEAR
     assert models.SAMPLING["adm-classifier-64"]["kind"] == "classifier"
 

@@ -11,6 +11,7 @@ them).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 
 import torch
@@ -115,9 +116,24 @@ def preset_info(name: str, **overrides) -> dict:
         info["learned_sigma"] = config.get("out_channels") == 2 * config.get("in_channels", 3)
     if info["y_null"] is None:
         info["guidance_scale"] = 1.0
-    x = preset(name, device="meta", **overrides).example_inputs(1)["x"]
-    info["sample_shape"] = tuple(x.shape[1:])
+    info["sample_shape"] = _sample_shape(cls, config)
     return info
+
+
+# (channels keyword, size keyword) of each family's constructor
+_GEOMETRY = {ADMUNet: ("in_channels", "image_size"), ADMClassifier: ("in_channels", "image_size"),
+             DDPMUNet: ("in_channels", "sample_size"), DiT: ("in_channels", "input_size"),
+             UViT: ("in_chans", "img_size")}
+
+
+def _sample_shape(cls: type, config: dict) -> tuple:
+    """(C, H, W) of one input, from the configuration alone: building even a meta-device model runs
+    torch's reference initialisers, whose first call imports torch._dynamo (a second or more)."""
+    defaults = inspect.signature(cls.__init__).parameters
+    channels, size = (config[k] if k in config else defaults[k].default for k in _GEOMETRY[cls])
+    size = size or 32  # DDPMUNet without sample_size: its example_inputs' default
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return (int(channels), int(h), int(w))
 
 
 def preset(name: str, device=None, dtype=None, **overrides) -> ZooModule:
