@@ -871,23 +871,29 @@ def add_features_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--model", required=True,
                         help="'digits' (bundled), a preset name with --checkpoint, a checkpoint file, a "
                              "diffusers UNet2DModel folder or an .onnx model graph (what fastdiff.load takes)")
-    parser.add_argument("--checkpoint", default=None, help="weights (.safetensors / .pt) for a preset")
+    parser.add_argument("--checkpoint", default=None,
+                        help="weights (.safetensors / .pt) for a preset (default: none)")
     parser.add_argument("--input", required=True,
                         help="a folder of images (png/jpg, scaled to [-1, 1]) or 'digits' (the held-out "
                              "quarter of scikit-learn's digits)")
     parser.add_argument("--out", required=True, help="output folder for the shards and index.json")
-    parser.add_argument("--recipe", choices=sorted(RECIPES), default=None)
-    parser.add_argument("--layers", default=None, help="comma-separated layer names")
-    parser.add_argument("--timesteps", default=None, help="comma-separated integer timesteps")
-    parser.add_argument("--ensemble", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pool", choices=["avg"], default=None)
-    parser.add_argument("--upsample", default=None, help="'input', N or HxW")
-    parser.add_argument("--concat", action="store_true", default=None)
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                        help="published settings (RECIPES); the options below override them (default: none)")
+    parser.add_argument("--layers", default=None, help="comma-separated layer names (default: the recipe's)")
+    parser.add_argument("--timesteps", default=None,
+                        help="comma-separated integer timesteps (default: the recipe's)")
+    parser.add_argument("--ensemble", type=int, default=None,
+                        help="noise draws averaged per (image, timestep) (default: the recipe's, else 1)")
+    parser.add_argument("--seed", type=int, default=0, help="image k uses seed SEED + k")
+    parser.add_argument("--pool", choices=["avg"], default=None,
+                        help="global average pool of each map (default: none, the maps)")
+    parser.add_argument("--upsample", default=None, help="'input', N or HxW (default: no resize)")
+    parser.add_argument("--concat", action="store_true", default=None,
+                        help="one tensor per image, the layers concatenated along channels (default: off)")
     parser.add_argument("--label", type=int, default=None, help="class label for conditional models "
                         "(default: the null label)")
-    parser.add_argument("--batch-size", type=int, default=None, help="rows per forward")
-    parser.add_argument("--images-per-shard", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=None, help="rows per forward (default: 64)")
+    parser.add_argument("--images-per-shard", type=int, default=64, help="images per safetensors shard")
     parser.add_argument("--beta-schedule", default=None,
                         help="replace the model's schedule (default: the one fastdiff.load gives)")
     parser.add_argument("--num-train-timesteps", type=int, default=None,

@@ -258,6 +258,7 @@ def test_help_shows_every_default():
         for action in parser._actions:
             if not action.option_strings or action.help == argparse.SUPPRESS or "-h" in action.option_strings:
                 continue
+            assert action.help, (name, action.option_strings)  # argparse shows nothing without a help text
             text = formatter._get_help_string(action) % {"default": action.default}
             assert "default" in text.lower() or "(required)" in text, (name, action.option_strings, text)
     text = cli.build_parser()._subparsers._group_actions[0].choices["sample"].format_help()
