@@ -82,6 +82,18 @@ class Denoiser:
         model_fn: ``model_fn(model, x, t, y, **kwargs)`` adapter replacing :func:`call_model`.
     """
 
+    # What fastdiff.load fills in (a Denoiser built by hand keeps these defaults): the number of real
+    # classes (None: unconditional or unknown), the null label of classifier-free guidance, the guidance
+    # scale the model is meant to be sampled with, the shape (C, H, W) of one sample (the latent shape for
+    # latent models), whether samples are latents, the scale of those latents, and a VAE that decodes them.
+    num_classes: Optional[int] = None
+    y_null: Optional[int] = None
+    default_guidance_scale: float = 1.0
+    sample_shape: Optional[tuple] = None
+    latent: bool = False
+    latent_scale: Optional[float] = None
+    vae = None
+
     def __init__(self, model: Callable, schedule, prediction: str = "eps", learned_sigma: bool = False, *,
                  clip_x0: Optional[float] = None, dynamic_threshold: Optional[float] = None,
                  sample_max_value: float = 1.0, cond_fn: Optional[Callable] = None,
@@ -274,3 +286,44 @@ class Denoiser:
         s = torch.quantile(x0.abs().reshape(n, -1), self.dynamic_threshold, dim=1)
         s = s.clamp(min=1.0, max=self.sample_max_value)
         return torch.stack([s, 1.0 / s], dim=1)
+
+    # -- latents to images --------------------------------------------------------------------
+
+    def can_decode(self) -> bool:
+        """Whether :meth:`decode` gives images: a pixel model, or a latent model with a VAE."""
+        return not self.latent or self.vae is not None
+
+    @torch.no_grad()
+    def decode(self, samples: Tensor, batch_size: int = 8) -> Tensor:
+        """Images in [-1, 1] (float32, on ``samples``' device) from what :func:`fastdiff.sample` returned.
+
+        A pixel model's samples come back unchanged. Latents go through ``self.vae`` (a diffusers
+        ``AutoencoderKL`` or anything with ``decode(z)`` returning a tensor or ``.sample``) as
+        ``vae.decode(z / scaling_factor + shift_factor)``, ``batch_size`` latents at a time, on the VAE's
+        device and dtype; the factors are the VAE config's (``scaling_factor``, ``shift_factor``), else
+        ``latent_scale`` and 0.
+        """
+        if not self.latent:
+            return samples
+        if self.vae is None:
+            raise ValueError("decode: this latent model has no VAE; load it with fastdiff.load(..., vae=...) "
+                             "(a diffusers AutoencoderKL or its folder)")
+        config = getattr(self.vae, "config", None)
+        scale = getattr(config, "scaling_factor", None) or self.latent_scale
+        if scale is None:
+            raise ValueError("decode: neither the VAE's config nor the denoiser gives the latent scale "
+                             "(set denoiser.latent_scale)")
+        shift = getattr(config, "shift_factor", None) or 0.0
+        param = next(iter(self.vae.parameters()), None)
+        device = param.device if param is not None else samples.device
+        dtype = param.dtype if param is not None else torch.float32
+        out = []
+        for z in samples.split(max(1, int(batch_size))) if samples.shape[0] else ():
+            img = self.vae.decode(z.to(device=device, dtype=dtype) / float(scale) + float(shift))
+            img = getattr(img, "sample", img)
+            out.append(img.float().clamp(-1, 1).to(samples.device))
+        if not out:  # an empty batch: the image shape from the VAE's config (SD's VAE: x8, 3 channels)
+            factor = 2 ** (len(getattr(config, "block_out_channels", (0,) * 4)) - 1)
+            channels = getattr(config, "out_channels", 3)
+            return samples.new_empty((0, channels, *(s * factor for s in samples.shape[2:])), dtype=torch.float32)
+        return torch.cat(out)

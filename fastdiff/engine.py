@@ -349,7 +349,7 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
            model_kwargs: Optional[dict] = None, channels_last: Optional[bool] = None,
            memory_budget: Optional[float] = None, distributed: Optional[bool] = None,
            backend: Optional[str] = None, callback: Optional[Callable] = None, threads: Optional[int] = None,
-           return_seeds: bool = False, **runtime_kwargs):
+           return_seeds: bool = False, decode: bool = False, **runtime_kwargs):
     """Draw ``shape[0]`` samples. Returns (N, C, ...) float32 on ``device``, or ``(samples, seeds)`` with
     ``return_seeds=True``.
 
@@ -407,8 +407,14 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
         threads: CPU intra-op threads for the call (int >= 1; None: :func:`fastdiff.policy.cpu_threads`,
             the CLI's policy); torch's own setting is restored after the call. Used on the CPU only.
         return_seeds: also return the seeds (a list of ints), so that a ``seeds=None`` run can be repeated.
+        decode: return images: a latent model's samples go through its VAE (:meth:`Denoiser.decode`, a
+            Denoiser from ``fastdiff.load(..., vae=...)``); a pixel model's come back unchanged.
     """
     # ---- every argument, before any work ----
+    check_choice("decode", decode, (True, False))
+    if decode and not (isinstance(denoiser_or_model, Denoiser) and denoiser_or_model.can_decode()):
+        raise ValueError("decode=True needs a Denoiser that is a pixel model or has a VAE: "
+                         "fastdiff.load(..., vae=AutoencoderKL or its folder)")
     if not isinstance(runtime, str) or runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     check_extra_kwargs(runtime, runtime_kwargs, _sample_keywords(),
@@ -448,9 +454,11 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
         if bad:
             raise ValueError(f"runtime='onnxruntime' does not take {', '.join(f'{k}={given[k]!r}' for k in bad)} "
                              "(runtime='torch' arguments): leave them at their defaults")
-        return _sample_onnxruntime(denoiser_or_model, shape, sampler, steps, guidance, y, seeds, dev, dtype,
-                                   progress, schedule, prediction, learned_sigma, y_null, spacing, sigmas,
-                                   timesteps, sampler_options, threads, return_seeds, runtime_kwargs)
+        out, seed_list = _sample_onnxruntime(denoiser_or_model, shape, sampler, steps, guidance, y, seeds, dev,
+                                             dtype, progress, schedule, prediction, learned_sigma, y_null, spacing,
+                                             sigmas, timesteps, sampler_options, threads, runtime_kwargs)
+        out = denoiser_or_model.decode(out) if decode else out
+        return (out, seed_list) if return_seeds else out
 
     denoiser = _as_denoiser(denoiser_or_model, schedule, prediction, learned_sigma)
     labels, y_null = check_conditioning(denoiser, y, n, y_null, guidance, model_kwargs)
@@ -483,6 +491,7 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
             denoiser, table, shape, dev, dtype, channels_last, compile, use_graph, guidance, labels, y_null,
             seed_list, seeds is None, batch_size, memory_budget, ranks, model_kwargs, backend, progress,
             callback)
+    out = denoiser.decode(out) if decode else out
     return (out, seed_list) if return_seeds else out
 
 
@@ -493,7 +502,7 @@ def _graph_capable(device: torch.device) -> bool:
 
 def _sample_onnxruntime(denoiser_or_model, shape, sampler, steps, guidance, y, seeds, dev, dtype, progress,
                         schedule, prediction, learned_sigma, y_null, spacing, sigmas, timesteps, sampler_options,
-                        threads, return_seeds, runtime_kwargs):
+                        threads, runtime_kwargs):
     try:
         from fastdiff.export.ort import sample_onnxruntime
     except ImportError as e:  # the export package or onnxruntime missing
@@ -516,7 +525,7 @@ def _sample_onnxruntime(denoiser_or_model, shape, sampler, steps, guidance, y, s
                                  y=labels, seeds=seed_list, device=dev, dtype=dtype, progress=progress,
                                  schedule=schedule, sigmas=sigmas, timesteps=timesteps, spacing=spacing,
                                  sampler_options=sampler_options, y_null=y_null, **runtime_kwargs)
-    return (out, seed_list) if return_seeds else out
+    return out, seed_list
 
 
 def _sample_torch(denoiser: Denoiser, table, shape, dev, dtype, channels_last, compile_mode, use_graph, guidance,
