@@ -21,6 +21,9 @@ Lowerings, chosen by timing ONNX Runtime 1.31 on the CPU (2 shared cores, interl
   each other; all three are standard ONNX and selectable with ``group_norm=``). onnxscript's pattern
   rewriter gave nothing (4.19 s) and took half of the export time, so it is not run.
 - ``layer_norm_modulate``: ``LayerNormalization`` (opset 17) then ``* (1 + scale) + shift``;
+- ``qk_norm_rope``: ``ReduceMean`` of the squares, ``Sqrt``, ``Div`` and the weight in float32, then the pair
+  rotation as Reshape to (..., D/2, 2), two Slices, Neg, Concat and two Mul-Adds with cos/sin (under
+  export the ``out=`` form is the functional op and a copy into the caller's views);
 - ``attention``: ``MatMul -> Softmax -> MatMul`` with the scale split as ``sqrt(scale)`` on q and k. DiT-S/2
   at 256 px, batch 4: 1.585 s against 1.579 s for the opset-23 ``Attention`` op (``attention="attention"``),
   a tie, so the lowering that every opset >= 17 and every execution provider runs is the default.
@@ -171,10 +174,37 @@ def translation_table(opset: int = DEFAULT_OPSET, group_norm: str = "instance_no
         lse = op.ConstantOfShape(op.Constant(value_ints=[0]))  # the (0,) float32 placeholder of the op
         return out, lse
 
+    def qk_norm_rope(q, k, q_weight=None, k_weight=None, cos=None, sin=None, eps: float = 1e-6,
+                     backend: Optional[str] = None):
+        float32 = 1  # onnx.TensorProto.FLOAT: statistics and rotation in float32, as the op
+
+        def norm_rope(x, weight):
+            xf = op.Cast(x, to=float32)
+            sq = op.Mul(xf, xf)
+            if opset >= 18:
+                ms = op.ReduceMean(sq, op.Constant(value_ints=[-1]), keepdims=1)
+            else:
+                ms = op.ReduceMean(sq, axes=[-1], keepdims=1)
+            y = op.Div(xf, op.Sqrt(op.Add(ms, op.Constant(value_float=eps))))
+            if weight is not None:
+                y = op.Mul(y, op.Cast(weight, to=float32))
+            if cos is not None:  # pairs (y0, y1) -> (y0 c - y1 s, y1 c + y0 s)
+                pairs = op.Reshape(y, op.Constant(value_ints=[0, 0, 0, -1, 2]))
+                even = op.Slice(pairs, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]),
+                                op.Constant(value_ints=[4]))
+                odd = op.Slice(pairs, op.Constant(value_ints=[1]), op.Constant(value_ints=[2]),
+                               op.Constant(value_ints=[4]))
+                rotated = op.Reshape(op.Concat(op.Neg(odd), even, axis=4), op.Shape(y))
+                y = op.Add(op.Mul(y, op.Cast(cos, to=float32)), op.Mul(rotated, op.Cast(sin, to=float32)))
+            return op.CastLike(y, x)
+
+        return norm_rope(q, q_weight), norm_rope(k, k_weight)
+
     return {
         torch.ops.fastdiff.group_norm_modulate.default: group_norm_modulate,
         torch.ops.fastdiff.layer_norm_modulate.default: layer_norm_modulate,
         torch.ops.fastdiff.attention.default: attention_fn,
+        torch.ops.fastdiff.qk_norm_rope.default: qk_norm_rope,
     }
 
 

@@ -33,6 +33,12 @@ from fastdiff.ops.norm import (
     layer_norm_modulate_native,
     layer_norm_modulate_reference,
 )
+from fastdiff.ops.qk_norm_rope import (
+    qk_norm_rope,
+    qk_norm_rope_backward_reference,
+    qk_norm_rope_native,
+    qk_norm_rope_reference,
+)
 from fastdiff.ops.routing import ACTIVATIONS, BACKENDS, backend, current_backend, use_triton
 from fastdiff.ops.sampler_step import sampler_step, sampler_step_reference
 
@@ -47,6 +53,7 @@ __all__ = [
     "layer_norm_modulate",
     "attention",
     "sampler_step",
+    "qk_norm_rope",
     "group_norm_modulate_reference",
     "group_norm_modulate_native",
     "group_norm_modulate_backward_reference",
@@ -58,6 +65,9 @@ __all__ = [
     "resolve_attention_backend",
     "xformers_usable",
     "sampler_step_reference",
+    "qk_norm_rope_reference",
+    "qk_norm_rope_native",
+    "qk_norm_rope_backward_reference",
 ]
 
 
