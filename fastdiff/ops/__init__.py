@@ -84,9 +84,13 @@ def _defer_dynamo_import() -> None:
     """
     import sys
 
-    from torch._library import custom_ops
+    try:  # private torch API: where it is absent or shaped otherwise, the ops import dynamo as they would
+        from torch._library import custom_ops
 
-    for name, opdef in list(custom_ops.OPDEFS.items()):
+        opdefs = list(custom_ops.OPDEFS.items())
+    except Exception:
+        return
+    for name, opdef in opdefs:
         if not name.startswith("fastdiff::"):
             continue
         for wrapper in list(getattr(opdef, "_backend_fns", {}).values()):
