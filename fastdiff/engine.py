@@ -373,7 +373,7 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
            batch_size: Optional[int] = None, compile: Union[bool, str] = False,
            cuda_graph: Optional[bool] = None, runtime: str = "torch", *, schedule=None,
            prediction: str = "eps", learned_sigma: Optional[bool] = None, y_null=None,
-           spacing: str = "karras", sigmas=None, timesteps=None, sampler_options: Optional[dict] = None,
+           spacing: Optional[str] = None, sigmas=None, timesteps=None, sampler_options: Optional[dict] = None,
            model_kwargs: Optional[dict] = None, channels_last: Optional[bool] = None,
            memory_budget: Optional[float] = None, distributed: Optional[bool] = None,
            backend: Optional[str] = None, callback: Optional[Callable] = None, **runtime_kwargs) -> Tensor:
@@ -398,8 +398,9 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
         runtime: ``"torch"`` or ``"onnxruntime"`` (:func:`fastdiff.export.ort.sample_onnxruntime`, which
             receives ``runtime_kwargs``).
         schedule, prediction, learned_sigma: used when a bare model is given.
-        spacing: the sigma spacing (``schedule.sigmas(steps, spacing)``); or explicit ``sigmas`` and
-            ``timesteps``.
+        spacing: the sigma spacing (``denoiser.sigmas(steps, spacing, shape)``; None: the schedule's default,
+            Karras for VP/VE, diffusers' flow layout for a flow schedule, whose dynamic shift is set by the
+            token count of ``shape``); or explicit ``sigmas`` and ``timesteps``.
         sampler_options: keyword options of the sampler builder (e.g. ``{"eta": 0.5}`` for DDIM).
         model_kwargs: extra keyword arguments of the model (tensors with a batch dim are chunked with x).
         channels_last: None: on for convolutional models on CUDA, and on CPU in bf16 for models of at
@@ -468,13 +469,13 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
         use_graph = False
 
     if sigmas is None:
-        sigmas, timesteps = denoiser.schedule.sigmas(int(steps), spacing=spacing)
-    table = build_table(sampler, sigmas, timesteps=timesteps, **(sampler_options or {}))
+        sigmas, timesteps = denoiser.sigmas(int(steps), spacing=spacing, shape=shape)
+    table = build_table(sampler, sigmas, schedule=denoiser.schedule, timesteps=timesteps,
+                        **(sampler_options or {}))
     run = _prepare(denoiser, device, dtype, channels_last, compile)
-    dtab = to_device(table, run, device, dtype=torch.float32)
-    sigma0 = float(table.sigma[0])
-    start_scale = math.sqrt(1.0 + sigma0 * sigma0) if getattr(denoiser.schedule, "variance_preserving",
-                                                                 True) else sigma0
+    frame = "flow" if getattr(denoiser.schedule, "frame", None) == "flow" else "sigma"  # flow starts at inf
+    dtab = to_device(table, run, device, dtype=torch.float32, frame=frame)
+    start_scale = denoiser.schedule.initial_scale(float(table.sigma[0]), frame)
 
     rank, world = _dist_info(distributed)
     if batch_size is None:
@@ -503,7 +504,7 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
                 x = _run_graph(runners, run, dtab, x, yc, gens, y_null, guidance_scale, mk, backend, bar)
             else:
                 x = sample_loop(run, x, dtab, y=yc, y_null=y_null, guidance_scale=guidance_scale,
-                                model_kwargs=mk, generators=gens, backend=backend,
+                                model_kwargs=mk, generators=gens, backend=backend, frame=frame,
                                 callback=_progress_callback(bar, callback))
             local[j * batch_size: j * batch_size + (c1 - c0)].copy_(x)
     if bar is not None:

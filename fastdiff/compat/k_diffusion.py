@@ -80,19 +80,7 @@ def _churned_table(builder: Callable, sig: np.ndarray, s_churn: float, s_tmin: f
     if not np.any(gammas > 0):
         return builder(sig), sigma_hat, gammas
     parts = [builder(np.array([sigma_hat[i], sig[i + 1]])) for i in range(steps)]
-    return _concat(parts), sigma_hat, gammas
-
-
-def _concat(parts) -> S.SamplerTable:
-    """Join one-step tables (same history form and ring size) into one; step k is ``parts[k]``."""
-    cat = lambda name: np.concatenate([getattr(p, name) for p in parts])
-    first = parts[0]
-    step = np.concatenate([np.full(p.num_rows, k, dtype=np.int64) for k, p in enumerate(parts)])
-    return S.SamplerTable(
-        name=first.name, history=first.history, num_slots=first.num_slots, sigma=cat("sigma"),
-        sigma_next=cat("sigma_next"), timestep=cat("timestep"), step=step, a=cat("a"), g_eps=cat("g_eps"),
-        b_new=cat("b_new"), c=cat("c"), b_slots=np.concatenate([p.b_slots for p in parts]),
-        write_slot=cat("write_slot"), lv_lo=cat("lv_lo"), lv_hi=cat("lv_hi"), options=dict(first.options))
+    return S.concat_tables(parts), sigma_hat, gammas
 
 
 def _run(model, x: Tensor, sigmas, table: S.SamplerTable, *, extra_args=None, callback=None, disable=None,

@@ -106,9 +106,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
             ident = S.euler(np.array([sig[-2], 0.0]))
             ident.a[:], ident.b_new[:], ident.write_slot[:] = 1.0, 0.0, -1
             ident.step[:] = head.num_steps
-            from fastdiff.compat.k_diffusion import _concat
-
-            return _concat([head, ident])
+            return S.concat_tables([head, ident])
         return S.euler(sig)
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, s_churn: float = 0.0, s_tmin: float = 0.0,
