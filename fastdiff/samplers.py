@@ -46,6 +46,8 @@ timestep):
 ``dpmpp_2m_sde``           DPM-Solver++(2M) SDE (k-diffusion ``sample_dpmpp_2m_sde``) (inf)
 ``dpmpp_3m_sde``           DPM-Solver++(3M) SDE (k-diffusion ``sample_dpmpp_3m_sde``)
 ``unipc``                  Zhao et al. 2023 (UniPC), Algorithm 2/3, B(h) = expm1(h) ("bh2") (inf)
+``dpm_multistep``          diffusers' multistep DPM-Solver(++), orders 1-3, ODE and SDE forms (inf for ++)
+``deis``                   Zhang & Chen 2023 (DEIS), log-rho multistep, orders 1-3
 =========================  ===================================================================
 
 (inf): the first sigma may be inf (a flow run from pure noise, or a zero-terminal-SNR VP schedule).
@@ -57,6 +59,8 @@ table, the timesteps and the row index live on the device; the loop reads no ten
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Optional, Sequence
@@ -84,7 +88,10 @@ __all__ = [
     "dpm_2_ancestral",
     "dpm_solver",
     "dpmpp_sde",
+    "dpm_multistep",
+    "deis",
     "concat_tables",
+    "lenient",
     "lms",
     "dpmpp_2m",
     "dpmpp_2s_ancestral",
@@ -125,6 +132,9 @@ class SamplerTable:
         learned_range: whether the table expects the model's variance output.
         h_x, h_x0, h_m: (R,) the history entry ``h_new = h_x x + h_x0 x0 + h_m m`` (sigma view; on a row at
             sigma = inf, ``h_x`` multiplies ``x / sigma``). None: from ``history``.
+        frame: the state frame the coefficients on x (``a``, ``h_x``) and into x_next (``b_new``, ``b_slots``,
+            ``c``, ``g_eps``) are written in: ``"sigma"`` (every builder here), or ``"vp"`` / ``"flow"`` for
+            rows built in a model frame (diffusers' own formulas, "alpha form"; see :func:`pack_table`).
     """
 
     name: str
@@ -147,6 +157,7 @@ class SamplerTable:
     h_x: Optional[np.ndarray] = None
     h_x0: Optional[np.ndarray] = None
     h_m: Optional[np.ndarray] = None
+    frame: str = "sigma"
 
     def __post_init__(self):
         if self.h_x is None:
@@ -197,6 +208,23 @@ def _ratio(num: float, sigma: float) -> float:
     return num if math.isinf(sigma) else num / sigma
 
 
+_LENIENT = contextvars.ContextVar("fastdiff_lenient_sigmas", default=False)
+
+
+@contextlib.contextmanager
+def lenient():
+    """Inside, sigmas need not decrease (a repeated sigma is a step that does not lower it) and a degenerate
+    row comes out non-finite instead of raising: for the diffusers drop-ins, whose schedules may hold rows a
+    run never reaches (repeated integer timesteps, a zero-terminal-SNR training grid); they check each row
+    they use."""
+    token = _LENIENT.set(True)
+    try:
+        with np.errstate(all="ignore"):
+            yield
+    finally:
+        _LENIENT.reset(token)
+
+
 def _check_sigmas(sigmas) -> np.ndarray:
     if isinstance(sigmas, Tensor):
         sigmas = sigmas.detach().cpu().double().numpy()
@@ -207,7 +235,7 @@ def _check_sigmas(sigmas) -> np.ndarray:
         raise ValueError("sigmas must be finite (the first may be inf) and >= 0")
     if np.any(s[:-1] <= 0):
         raise ValueError("only the last entry of sigmas may be 0")
-    if np.any(np.diff(s[1:]) >= 0) or not s[0] > s[1]:
+    if not _LENIENT.get() and (np.any(np.diff(s[1:]) >= 0) or not s[0] > s[1]):
         raise ValueError("sigmas must be strictly decreasing")
     return s
 
@@ -475,6 +503,109 @@ def dpm_solver(sigmas, *, orders: Optional[Sequence[int]] = None, eta: float = 0
     return rb.build()
 
 
+DPM_ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
+
+
+def dpm_multistep(sigmas, *, orders: Sequence[int], algorithm_type: str = "dpmsolver++",
+                  solver_type: str = "midpoint", timesteps=None) -> SamplerTable:
+    """Multistep DPM-Solver of orders 1-3 as diffusers' DPMSolverMultistepScheduler computes it, in the sigma
+    view (lambda = -log sigma, h = lambda' - lambda): Lu et al. (2022b), Algorithms 2-3 (``dpmsolver++``:
+    the history is x0, ``x' = (sigma'/sigma) x + ...``), Lu et al. (2022), Sec. 3.3 (``dpmsolver``: the history
+    is eps = d, ``x' = x - (sigma - sigma') eps + ...``), and their SDE forms (Lu et al. 2022b, Sec. 5; Gonzalez
+    et al. 2023) with noise ``sigma' sqrt(1 - e^{-2h})`` (``sde-dpmsolver++``) or ``sqrt(sigma^2 - sigma'^2)``
+    (``sde-dpmsolver``). ``orders`` gives each step's order (the warm-up and final-step rules are the
+    caller's); ``solver_type`` ("midpoint" | "heun") picks the second-order correction.
+    """
+    if algorithm_type not in DPM_ALGORITHMS:
+        raise ValueError(f"algorithm_type must be one of {DPM_ALGORITHMS}, got {algorithm_type!r}")
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+    data = algorithm_type.endswith("++")
+    sde = algorithm_type.startswith("sde")
+    rb = _Rows("dpm_multistep", "x0" if data else "d", 2, sigmas, timesteps, algorithm_type=algorithm_type,
+               solver_type=solver_type)
+    orders = _check_orders(orders, rb.steps, 2 if sde and not data else 3)
+    if not data:
+        rb.finite_start()
+    sig = rb.sig
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lam = -np.log(sig)
+    for i in range(rb.steps):
+        s, sn, k = sig[i], sig[i + 1], orders[i]
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            row = _dpm_multistep_row(lam, i, s, sn, k, data, sde, solver_type)
+        rb.add(i, s, sn, **row, timestep=rb.t(i))
+    return rb.build()
+
+
+def _dpm_multistep_row(lam, i, s, sn, k, data, sde, solver_type) -> dict:
+    """One row of :func:`dpm_multistep` (numpy scalars: a repeated sigma gives inf, not an error)."""
+    h = lam[i + 1] - lam[i]
+    if data:
+        em = np.expm1(-h)                       # e^{-h} - 1
+        e2 = -np.expm1(-2.0 * h)                # 1 - e^{-2h}
+        a = _ratio(sn, s) * (np.exp(-h) if sde else 1.0)
+        c0 = e2 if sde else -em
+        c1_mid = 0.5 * c0
+        c1_heun = e2 / (-2.0 * h) + 1.0 if sde else em / h + 1.0
+        c2 = ((e2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5) if sde else -((em + h) / h ** 2 - 0.5)
+        noise = sn * np.sqrt(e2) if sde else 0.0
+    else:  # sigma' (e^h - 1) = sigma - sigma': finite into sigma' = 0
+        d = s - sn
+        a = 1.0
+        c0 = -2.0 * d if sde else -d
+        c1_mid = -d if sde else -0.5 * d
+        c1_heun = -2.0 * (d / h - sn) if sde else -(d / h - sn)
+        c2 = -((d - sn * h) / h ** 2 - 0.5 * sn)
+        noise = np.sqrt(max(s * s - sn * sn, 0.0)) if sde else 0.0
+    vec = np.array([c0, 0.0, 0.0])  # on (m0, m1, m2): the entries of steps i, i-1, i-2
+    if k >= 2:
+        r0 = (lam[i] - lam[i - 1]) / h
+        d1_0 = np.array([1.0, -1.0, 0.0]) / r0
+        if k == 2:
+            vec = vec + (c1_mid if solver_type == "midpoint" else c1_heun) * d1_0
+        else:
+            r1 = (lam[i - 1] - lam[i - 2]) / h
+            d1_1 = np.array([0.0, 1.0, -1.0]) / r1
+            d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            vec = vec + c1_heun * d1 + c2 * d2
+    return dict(a=float(a), b_new=float(vec[0]), lags={1: float(vec[1]), 2: float(vec[2])}, c=float(noise))
+
+
+def deis(sigmas, *, orders: Sequence[int], timesteps=None) -> SamplerTable:
+    """DEIS multistep (Zhang & Chen 2023, "Fast Sampling of Diffusion Models with Exponential Integrator"),
+    the log-rho variant diffusers' DEISMultistepScheduler implements: in the sigma view (rho = sigma) with
+    history eps = d, ``x' = x + sum_j C_j eps_{i-j}``, ``C_j`` the integral over [rho, rho'] of the Lagrange
+    basis polynomial in log rho through the last ``orders[i]`` rhos. First order is DDIM.
+    """
+    rb = _Rows("deis", "d", 2, sigmas, timesteps)
+    orders = _check_orders(orders, rb.steps, 3)
+    rb.finite_start()
+    sig = rb.sig
+    for i in range(rb.steps):
+        k = orders[i]
+        t, b = sig[i + 1], sig[i]
+        if k == 1:
+            vec = [-(b - t), 0.0, 0.0]
+        elif k == 2:
+            c = sig[i - 1]
+            ind = lambda x, p, q: x * (-np.log(q) + np.log(x) - 1) / (np.log(p) - np.log(q))
+            vec = [ind(t, b, c) - ind(b, b, c), ind(t, c, b) - ind(b, c, b), 0.0]
+        else:
+            c, d = sig[i - 1], sig[i - 2]
+
+            def ind(x, p, q, r):
+                lx, lq, lr = np.log(x), np.log(q), np.log(r)
+                return x * (lq * (lr - lx + 1) - lr * lx + lr + lx ** 2 - 2 * lx + 2) / \
+                    ((np.log(p) - lq) * (np.log(p) - lr))
+
+            vec = [ind(t, b, c, d) - ind(b, b, c, d), ind(t, c, d, b) - ind(b, c, d, b),
+                   ind(t, d, b, c) - ind(b, d, b, c)]
+        rb.add(i, b, t, a=1.0, b_new=float(vec[0]), lags={1: float(vec[1]), 2: float(vec[2])}, timestep=rb.t(i))
+    return rb.build()
+
+
 def _lms_coefficients(sig: np.ndarray, i: int, order: int) -> list:
     """``int_{sigma_i}^{sigma_{i+1}} L_j(tau) dtau``, Lagrange basis on sigma_i, ..., sigma_{i-order+1}.
 
@@ -533,12 +664,12 @@ def dpmpp_2m(sigmas, *, solver_type: str = "midpoint", orders: Optional[Sequence
         if sn == 0:
             rb.add(i, s, sn, a=0.0, b_new=1.0, timestep=rb.t(i))
             continue
-        h = math.log(s) - math.log(sn)
+        h = np.log(s) - np.log(sn)
         phi = -math.expm1(-h)
         if order == 1:
             rb.add(i, s, sn, a=_ratio(sn, s), b_new=phi, timestep=rb.t(i))
             continue
-        r = (math.log(rb.sig[i - 1]) - math.log(s)) / h
+        r = (np.log(rb.sig[i - 1]) - np.log(s)) / h
         k = 0.5 * phi / r if solver_type == "midpoint" else (math.expm1(-h) / h + 1.0) / r
         rb.add(i, s, sn, a=sn / s, b_new=phi + k, lags={1: -k}, timestep=rb.t(i))
     return rb.build()
@@ -622,7 +753,7 @@ def dpmpp_2m_sde(sigmas, *, eta: float = 1.0, s_noise: float = 1.0, solver_type:
         if sn == 0:
             rb.add(i, s, sn, a=0.0, b_new=1.0, timestep=rb.t(i))
             continue
-        h = math.log(s) - math.log(sn)
+        h = np.log(s) - np.log(sn)
         eta_h = eta * h if eta else 0.0
         base = -math.expm1(-h - eta_h)
         lags, b_new = {}, base
@@ -863,7 +994,7 @@ def concat_tables(parts: Sequence[SamplerTable]) -> SamplerTable:
         sigma_next=cat("sigma_next"), timestep=cat("timestep"), step=np.concatenate(steps), a=cat("a"),
         g_eps=cat("g_eps"), b_new=cat("b_new"), c=cat("c"), b_slots=np.concatenate([p.b_slots for p in parts]),
         write_slot=cat("write_slot"), lv_lo=cat("lv_lo"), lv_hi=cat("lv_hi"), learned_range=first.learned_range,
-        options=dict(first.options), h_x=cat("h_x"), h_x0=cat("h_x0"), h_m=cat("h_m"))
+        options=dict(first.options), h_x=cat("h_x"), h_x0=cat("h_x0"), h_m=cat("h_m"), frame=first.frame)
 
 
 SAMPLERS: Dict[str, Callable[..., SamplerTable]] = {
@@ -883,6 +1014,8 @@ SAMPLERS: Dict[str, Callable[..., SamplerTable]] = {
     "dpmpp_2m_sde": dpmpp_2m_sde,
     "dpmpp_3m_sde": dpmpp_3m_sde,
     "unipc": unipc,
+    "dpm_multistep": dpm_multistep,
+    "deis": deis,
 }
 
 
@@ -904,7 +1037,8 @@ def build_table(sampler: str, sigmas, schedule=None, **options) -> SamplerTable:
 # ---------------------------------------------------------------------------------------------
 
 
-def pack_table(table: SamplerTable, p: np.ndarray, q: np.ndarray, frame: str = "sigma") -> np.ndarray:
+def pack_table(table: SamplerTable, p: np.ndarray, q: np.ndarray, frame: str = "sigma",
+               check: bool = True) -> np.ndarray:
     """The (R, 11 + S) float64 table the update reads, columns ``COLUMNS`` then one per ring slot.
 
     ``p, q`` (R,): ``x0 = p x + q m`` at each row's sigma in the sigma view (``Denoiser.x0_coefficients``;
@@ -914,7 +1048,10 @@ def pack_table(table: SamplerTable, p: np.ndarray, q: np.ndarray, frame: str = "
     ``frame`` is the state the rows read and write (:func:`fastdiff.schedules.frame_scale`): ``"sigma"`` (the
     sigma view: k-diffusion, Euler), ``"vp"`` (``x / sqrt(1 + sigma^2)``: diffusers' DDPM/DDIM/DPM-Solver/
     UniPC) or ``"flow"`` (``x / (1 + sigma)``: flow matching). A row at sigma = inf needs the vp or flow
-    frame, where the state is the unit noise. History entries stay in sigma-view units in every frame.
+    frame, where the state is the unit noise. History entries keep the units of the table's own frame
+    (``table.frame``); a table packed into its own frame keeps its coefficients as they are, so rows built
+    from diffusers' float32 formulas stay what diffusers computes. ``check=False`` leaves non-finite rows
+    in place (the drop-ins check the row they use, as a diffusers schedule may hold rows it never reaches).
     """
     if frame not in ("sigma", "vp", "flow"):
         raise ValueError(f"frame must be 'sigma', 'vp' or 'flow', got {frame!r}")
@@ -923,34 +1060,34 @@ def pack_table(table: SamplerTable, p: np.ndarray, q: np.ndarray, frame: str = "
     q = np.broadcast_to(np.asarray(q, dtype=np.float64), (r,)).copy()
     sig = table.sigma
     inf = np.isinf(sig)
-    if inf.any() and frame == "sigma":
+    if check and inf.any() and "sigma" in (frame, table.frame):
         raise ValueError(f"table for {table.name!r} starts at sigma = inf: the sigma-view state is not finite "
                          "there; carry the state in the model's frame (frame='vp' or 'flow')")
     fin = np.where(inf, 1.0, sig)
-    out = np.zeros((r, COL_SLOTS + s))
     with np.errstate(divide="ignore", invalid="ignore"):
+        # frame scales in and out (at inf both model frames hold x / sigma: scale 1)
+        f_in = np.where(inf, 1.0, frame_scale(fin, frame))
+        t_in = np.where(inf, 1.0, frame_scale(fin, table.frame))
+        k_in = t_in / f_in  # table-frame state = k_in * target-frame state
+        k_out = frame_scale(table.sigma_next, frame) / frame_scale(table.sigma_next, table.frame)
         uses_m = table.h_m != 0
         if np.any(uses_m & (q == 0)):
             raise ValueError(f"table for {table.name!r} keeps the raw model output, which x0-prediction "
                              "with q = 0 cannot give back")
         qq = np.where(uses_m, q, 1.0)
-        e = table.h_x - table.h_m * p / qq
+        e = (table.h_x - table.h_m * (p / t_in) / qq) * k_in
         f = table.h_x0 + table.h_m / qq
-        a = table.a + table.g_eps * np.where(inf, 1.0, (1 - p) / fin)
-        g = -table.g_eps * np.where(inf, 0.0, q / fin)
-    b0, c, bs = table.b_new.copy(), table.c.copy(), table.b_slots.copy()
-    if frame != "sigma":
-        a_in = np.where(inf, 1.0, frame_scale(fin, frame))  # at inf the frame's state is x / sigma
-        a_out = frame_scale(table.sigma_next, frame)
-        p, e = p / a_in, e / a_in
-        a = a * a_out / a_in
-        g, b0, c, bs = g * a_out, b0 * a_out, c * a_out, bs * a_out[:, None]
+        a = table.a * k_in * k_out + table.g_eps * k_out * np.where(inf, 1.0, (1 - p) / (f_in * fin))
+        g = -table.g_eps * k_out * np.where(inf, 0.0, q / fin)
+        p = p / f_in
+    b0, c, bs = table.b_new * k_out, table.c * k_out, table.b_slots * k_out[:, None]
+    out = np.zeros((r, COL_SLOTS + s))
     out[:, COL_P], out[:, COL_Q], out[:, COL_E], out[:, COL_F] = p, q, e, f
     out[:, COL_A], out[:, COL_G], out[:, COL_B0], out[:, COL_C] = a, g, b0, c
     out[:, COL_LV_LO], out[:, COL_LV_HI] = table.lv_lo, table.lv_hi
     out[:, COL_WRITE] = table.write_slot
     out[:, COL_SLOTS:] = bs
-    if not np.all(np.isfinite(out)):
+    if check and not np.all(np.isfinite(out)):
         raise ValueError(f"table for {table.name!r} has non-finite coefficients (check sigmas and prediction: "
                          "eps prediction has no x0 at sigma = inf)")
     return out

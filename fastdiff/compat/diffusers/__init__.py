@@ -41,7 +41,11 @@ it a small local config object gives the same ``config`` / ``from_config`` behav
 
 from fastdiff.compat.diffusers.scheduling_base import HAVE_DIFFUSERS, SchedulerOutput
 from fastdiff.compat.diffusers.scheduling_ddpm_ddim import DDIMScheduler, DDPMScheduler
-from fastdiff.compat.diffusers.scheduling_multistep import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+from fastdiff.compat.diffusers.scheduling_multistep import (
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    UniPCMultistepScheduler,
+)
 from fastdiff.compat.diffusers.scheduling_sigma import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
@@ -58,6 +62,7 @@ __all__ = [
     "LMSDiscreteScheduler",
     "DPMSolverMultistepScheduler",
     "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
     "SchedulerOutput",
     "HAVE_DIFFUSERS",
 ]

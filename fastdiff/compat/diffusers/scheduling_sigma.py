@@ -11,6 +11,8 @@ from torch import Tensor
 
 from fastdiff import samplers as S
 from fastdiff.compat.diffusers.scheduling_base import (
+    KARRAS_SCHEDULERS,
+    _check_one_spacing,
     _host,
     _sigma_to_t,
     _SigmaScheduler,
@@ -29,7 +31,10 @@ def _check_int_timestep(timestep, name: str) -> None:
 
 
 class EulerDiscreteScheduler(_SigmaScheduler):
-    """diffusers' ``EulerDiscreteScheduler`` on :func:`fastdiff.samplers.euler`"""
+    """diffusers' ``EulerDiscreteScheduler`` on :func:`fastdiff.samplers.euler` (the full schedule is laid out
+    at construction, as diffusers does, so ``step`` works before ``set_timesteps``)."""
+
+    _compatibles = KARRAS_SCHEDULERS
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -39,15 +44,20 @@ class EulerDiscreteScheduler(_SigmaScheduler):
                  sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
                  timestep_spacing: str = "linspace", timestep_type: str = "discrete", steps_offset: int = 0,
                  rescale_betas_zero_snr: bool = False, final_sigmas_type: str = "zero"):
-        if use_beta_sigmas:
-            raise NotImplementedError("use_beta_sigmas=True is not supported")
+        _check_one_spacing(self.config)
         self._init_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                            rescale_betas_zero_snr, prediction_type)
+                            rescale_betas_zero_snr, prediction_type, clamp_terminal=True)
         train = self._train_sigmas()[::-1].copy()
         self.sigmas = torch.cat([torch.from_numpy(train), torch.zeros(1)])
-        self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps,
-                                                      dtype=float)[::-1].copy().astype(np.float32))
+        if timestep_type == "continuous" and prediction_type == "v_prediction":
+            self.timesteps = torch.tensor([0.25 * math.log(s) for s in train], dtype=torch.float32)
+        else:
+            self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps,
+                                                          dtype=float)[::-1].copy().astype(np.float32))
         self.is_scale_input_called = False
+        self.use_karras_sigmas = use_karras_sigmas
+        self.use_exponential_sigmas = use_exponential_sigmas
+        self.use_beta_sigmas = use_beta_sigmas
 
     def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None, timesteps=None,
                       sigmas=None):
@@ -58,9 +68,12 @@ class EulerDiscreteScheduler(_SigmaScheduler):
             raise ValueError("Must pass exactly one of `num_inference_steps` or `timesteps` or `sigmas.")
         if num_inference_steps is not None and (timesteps is not None or sigmas is not None):
             raise ValueError("Can only pass one of `num_inference_steps` or `timesteps` or `sigmas`.")
-        if timesteps is not None and (cfg.use_karras_sigmas or cfg.use_exponential_sigmas):
-            raise ValueError("Cannot set `timesteps` with `config.use_karras_sigmas` or "
-                             "`config.use_exponential_sigmas`.")
+        if timesteps is not None and (cfg.use_karras_sigmas or cfg.use_exponential_sigmas or cfg.use_beta_sigmas):
+            raise ValueError("Cannot set `timesteps` with `config.use_karras_sigmas`, "
+                             "`config.use_exponential_sigmas` or `config.use_beta_sigmas`.")
+        if timesteps is not None and cfg.timestep_type == "continuous" and cfg.prediction_type == "v_prediction":
+            raise ValueError("Cannot set `timesteps` with `config.timestep_type = 'continuous'` and "
+                             "`config.prediction_type = 'v_prediction'`.")
         if num_inference_steps is None:
             num_inference_steps = len(timesteps) if timesteps is not None else len(sigmas) - 1
         if num_inference_steps < 1:
@@ -98,16 +111,10 @@ class EulerDiscreteScheduler(_SigmaScheduler):
         self._reset_state()
 
     def _build_table(self) -> S.SamplerTable:
-        sig = _host(self.sigmas)
-        if sig.shape[0] >= 3 and sig[-1] > 0 and sig[-1] >= sig[-2]:
-            # final_sigmas_type="sigma_min" with Karras / exponential sigmas: the last step goes from
-            # sigma_min to sigma_min, which leaves x as it is (an identity row).
-            head = S.euler(sig[:-1])
-            ident = S.euler(np.array([sig[-2], 0.0]))
-            ident.a[:], ident.b_new[:], ident.write_slot[:] = 1.0, 0.0, -1
-            ident.step[:] = head.num_steps
-            return S.concat_tables([head, ident])
-        return S.euler(sig)
+        # final_sigmas_type="sigma_min" with Karras / exponential sigmas ends in a step from sigma_min to
+        # sigma_min: an identity row
+        with S.lenient():
+            return S.euler(_host(self.sigmas))
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, s_churn: float = 0.0, s_tmin: float = 0.0,
              s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None, return_dict: bool = True):
@@ -122,6 +129,8 @@ class EulerDiscreteScheduler(_SigmaScheduler):
 class EulerAncestralDiscreteScheduler(_SigmaScheduler):
     """diffusers' ``EulerAncestralDiscreteScheduler`` on :func:`fastdiff.samplers.euler_ancestral`."""
 
+    _compatibles = KARRAS_SCHEDULERS
+
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
@@ -130,7 +139,7 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
         if prediction_type == "sample":
             raise NotImplementedError("prediction_type not implemented yet: sample")
         self._init_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                            rescale_betas_zero_snr, prediction_type)
+                            rescale_betas_zero_snr, prediction_type, clamp_terminal=True)
         train = self._train_sigmas()[::-1].copy()
         self.sigmas = torch.cat([torch.from_numpy(train), torch.zeros(1)])
         self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps,
@@ -152,7 +161,8 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
         self._reset_state()
 
     def _build_table(self) -> S.SamplerTable:
-        return S.euler_ancestral(_host(self.sigmas))
+        with S.lenient():
+            return S.euler_ancestral(_host(self.sigmas))
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, generator=None, return_dict: bool = True):
         """Euler to sigma_down, plus ``sigma_up * randn_tensor(shape, generator)`` each step."""
@@ -172,6 +182,7 @@ class HeunDiscreteScheduler(_SigmaScheduler):
     """
 
     order = 2
+    _compatibles = KARRAS_SCHEDULERS
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
@@ -179,8 +190,7 @@ class HeunDiscreteScheduler(_SigmaScheduler):
                  use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False,
                  use_beta_sigmas: bool = False, clip_sample: bool = False, clip_sample_range: float = 1.0,
                  timestep_spacing: str = "linspace", steps_offset: int = 0):
-        if use_beta_sigmas:
-            raise NotImplementedError("use_beta_sigmas=True is not supported")
+        _check_one_spacing(self.config)
         self._init_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                             False, prediction_type)
         self.set_timesteps(num_train_timesteps, None, num_train_timesteps)
@@ -192,9 +202,9 @@ class HeunDiscreteScheduler(_SigmaScheduler):
             raise ValueError("Must pass exactly one of `num_inference_steps` or `custom_timesteps`.")
         if num_inference_steps is not None and timesteps is not None:
             raise ValueError("Can only pass one of `num_inference_steps` or `custom_timesteps`.")
-        if timesteps is not None and (cfg.use_karras_sigmas or cfg.use_exponential_sigmas):
-            raise ValueError("Cannot use `timesteps` with `config.use_karras_sigmas` or "
-                             "`config.use_exponential_sigmas`.")
+        if timesteps is not None and (cfg.use_karras_sigmas or cfg.use_exponential_sigmas or cfg.use_beta_sigmas):
+            raise ValueError("Cannot use `timesteps` with `config.use_karras_sigmas`, "
+                             "`config.use_exponential_sigmas` or `config.use_beta_sigmas`.")
         num_inference_steps = num_inference_steps or len(timesteps)
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
@@ -229,7 +239,8 @@ class HeunDiscreteScheduler(_SigmaScheduler):
         return False
 
     def _build_table(self) -> S.SamplerTable:
-        return S.heun(_host(self._step_sigmas))
+        with S.lenient():
+            return S.heun(_host(self._step_sigmas))
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, return_dict: bool = True):
         """One stage of Heun's method (diffusers calls ``step`` twice per step)."""
@@ -239,13 +250,14 @@ class HeunDiscreteScheduler(_SigmaScheduler):
 class LMSDiscreteScheduler(_SigmaScheduler):
     """diffusers' ``LMSDiscreteScheduler`` (linear multistep in sigma) on :func:`fastdiff.samplers.lms`."""
 
+    _compatibles = KARRAS_SCHEDULERS
+
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, use_karras_sigmas: bool = False,
                  use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
                  prediction_type: str = "epsilon", timestep_spacing: str = "linspace", steps_offset: int = 0):
-        if use_beta_sigmas:
-            raise NotImplementedError("use_beta_sigmas=True is not supported")
+        _check_one_spacing(self.config)
         self._init_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                             False, prediction_type)
         self.set_timesteps(num_train_timesteps)
@@ -269,7 +281,8 @@ class LMSDiscreteScheduler(_SigmaScheduler):
         self._reset_state()
 
     def _build_table(self, order: int = 4) -> S.SamplerTable:
-        return S.lms(_host(self.sigmas), order=order)
+        with S.lenient():
+            return S.lms(_host(self.sigmas), order=order)
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, order: int = 4, return_dict: bool = True):
         """One linear multistep step of the given order (one order per run)."""
