@@ -132,8 +132,9 @@ class SamplerTable:
         learned_range: whether the table expects the model's variance output.
         h_x, h_x0, h_m: (R,) the history entry ``h_new = h_x x + h_x0 x0 + h_m m`` (sigma view; on a row at
             sigma = inf, ``h_x`` multiplies ``x / sigma``). None: from ``history``.
+        g_m: (R,) coefficient on the raw model output m in x_next (0 for most samplers).
         frame: the state frame the coefficients on x (``a``, ``h_x``) and into x_next (``b_new``, ``b_slots``,
-            ``c``, ``g_eps``) are written in: ``"sigma"`` (every builder here), or ``"vp"`` / ``"flow"`` for
+            ``c``, ``g_eps``, ``g_m``) are written in: ``"sigma"`` (every builder here), or ``"vp"`` / ``"flow"`` for
             rows built in a model frame (diffusers' own formulas, "alpha form"; see :func:`pack_table`).
     """
 
@@ -157,9 +158,12 @@ class SamplerTable:
     h_x: Optional[np.ndarray] = None
     h_x0: Optional[np.ndarray] = None
     h_m: Optional[np.ndarray] = None
+    g_m: Optional[np.ndarray] = None
     frame: str = "sigma"
 
     def __post_init__(self):
+        if self.g_m is None:
+            self.g_m = np.zeros(self.num_rows)
         if self.h_x is None:
             forms = [_history_coefficients(self.history, float(s)) for s in self.sigma]
             self.h_x, self.h_x0, self.h_m = (np.asarray([f[k] for f in forms], dtype=np.float64)
@@ -282,11 +286,11 @@ class _Rows:
 
     def add(self, step: int, sigma: float, sigma_next: float, *, a: float = 0.0, b_new: float = 0.0,
             lags: Optional[Dict[int, float]] = None, g_eps: float = 0.0, c: float = 0.0, write: bool = True,
-            timestep: float = math.nan, lv=(0.0, 0.0), hist=None) -> None:
+            timestep: float = math.nan, lv=(0.0, 0.0), hist=None, g_m: float = 0.0) -> None:
         """One row. ``hist``: the entry's form name or ``(h_x, h_x0, h_m)`` (default: the table's form)."""
         if hist is None or isinstance(hist, str):
             hist = _history_coefficients(hist or self.history, float(sigma))
-        self.hists.append(tuple(float(v) for v in hist))
+        self.hists.append(tuple(float(v) for v in hist) + (float(g_m),))
         b_slots = np.zeros(self.num_slots)
         for lag, coef in (lags or {}).items():
             if coef == 0:
@@ -309,7 +313,7 @@ class _Rows:
             c=f64(7), b_slots=np.stack(cols[8]).astype(np.float64), write_slot=np.asarray(cols[9], np.int64),
             lv_lo=f64(10), lv_hi=f64(11), learned_range=learned_range, options=dict(self.options),
             h_x=np.asarray([h[0] for h in self.hists]), h_x0=np.asarray([h[1] for h in self.hists]),
-            h_m=np.asarray([h[2] for h in self.hists]))
+            h_m=np.asarray([h[2] for h in self.hists]), g_m=np.asarray([h[3] for h in self.hists]))
 
 
 def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
@@ -994,7 +998,8 @@ def concat_tables(parts: Sequence[SamplerTable]) -> SamplerTable:
         sigma_next=cat("sigma_next"), timestep=cat("timestep"), step=np.concatenate(steps), a=cat("a"),
         g_eps=cat("g_eps"), b_new=cat("b_new"), c=cat("c"), b_slots=np.concatenate([p.b_slots for p in parts]),
         write_slot=cat("write_slot"), lv_lo=cat("lv_lo"), lv_hi=cat("lv_hi"), learned_range=first.learned_range,
-        options=dict(first.options), h_x=cat("h_x"), h_x0=cat("h_x0"), h_m=cat("h_m"), frame=first.frame)
+        options=dict(first.options), h_x=cat("h_x"), h_x0=cat("h_x0"), h_m=cat("h_m"), g_m=cat("g_m"),
+        frame=first.frame)
 
 
 SAMPLERS: Dict[str, Callable[..., SamplerTable]] = {
@@ -1078,7 +1083,7 @@ def pack_table(table: SamplerTable, p: np.ndarray, q: np.ndarray, frame: str = "
         e = (table.h_x - table.h_m * (p / t_in) / qq) * k_in
         f = table.h_x0 + table.h_m / qq
         a = table.a * k_in * k_out + table.g_eps * k_out * np.where(inf, 1.0, (1 - p) / (f_in * fin))
-        g = -table.g_eps * k_out * np.where(inf, 0.0, q / fin)
+        g = (table.g_m - table.g_eps * np.where(inf, 0.0, q / fin)) * k_out
         p = p / f_in
     b0, c, bs = table.b_new * k_out, table.c * k_out, table.b_slots * k_out[:, None]
     out = np.zeros((r, COL_SLOTS + s))

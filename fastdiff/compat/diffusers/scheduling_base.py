@@ -260,12 +260,18 @@ def _vp_sigmas(abar) -> np.ndarray:
         return np.sqrt((1.0 - abar) / abar)
 
 
-def frame_row(name: str, sigma: float, sigma_next: float, frame: str, **coefficients) -> S.SamplerTable:
-    """A one-row table written in ``frame`` (diffusers' own formulas): the keywords of ``_Rows.add``."""
-    rows = S._Rows(name, "x0", coefficients.pop("num_slots", 1), np.array([1.0, 0.0]), None)
-    rows.add(0, float(sigma), float(sigma_next), **coefficients)
-    table = rows.build(learned_range=bool(coefficients.get("lv", (0.0, 0.0)) != (0.0, 0.0)))
+def frame_row(name: str, sigma: float, sigma_next: float, frame: str, *, num_slots: int = 1,
+              slots: Optional[dict] = None, write_slot: int = -1, **coefficients) -> S.SamplerTable:
+    """A one-row table written in ``frame`` (diffusers' own formulas): the keywords of ``_Rows.add``, with
+    ring slots named directly (``slots`` {slot: coefficient}, ``write_slot``), as a scheduler that keeps its
+    own state across calls addresses them."""
+    rows = S._Rows(name, "x0", num_slots, np.array([1.0, 0.0]), None)
+    rows.add(0, float(sigma), float(sigma_next), write=False, **coefficients)
+    table = rows.build(learned_range=tuple(coefficients.get("lv", (0.0, 0.0))) != (0.0, 0.0))
     table.frame = frame
+    for k, v in (slots or {}).items():
+        table.b_slots[0, k] = v
+    table.write_slot[0] = write_slot
     return table
 
 
@@ -287,6 +293,7 @@ class _TableScheduler(SchedulerMixin, ConfigMixin):
     _upcast = False          # diffusers computes in float32 and returns model_output's dtype
     _warmup = False          # multistep: the table starts where the run starts
     _needs_set_timesteps = False  # step before set_timesteps raises, as diffusers' multistep solvers do
+    _rowwise = False         # True: the row of each call is built from the scheduler's state (LCM, KDPM2, ...)
 
     @classmethod
     def _get_compatibles(cls) -> list:
@@ -384,6 +391,10 @@ class _TableScheduler(SchedulerMixin, ConfigMixin):
     def _row_table(self, timestep, **options) -> S.SamplerTable:  # pragma: no cover - stateless ones do
         raise NotImplementedError
 
+    def _call_row(self, idx: int, timestep, **options):  # pragma: no cover - rowwise ones do
+        """``(cache key, () -> one-row table)`` for the call at step index ``idx``."""
+        raise NotImplementedError
+
     def _table_sigmas(self, table: S.SamplerTable) -> np.ndarray:
         return table.sigma
 
@@ -433,6 +444,15 @@ class _TableScheduler(SchedulerMixin, ConfigMixin):
             else:
                 rows = torch.zeros((n,), dtype=torch.int32, device=device)
             return table, packed, coef, rows, None
+        if self._rowwise:
+            if per_sample:
+                raise ValueError(f"{type(self).__name__}.step takes one timestep per call")
+            if self._step_index is None:
+                self._init_step_index(timestep)
+            idx = self._step_index
+            key, make = self._call_row(idx, timestep, **options)
+            table, packed, coef = self._cached(("call",) + tuple(key), make, device)
+            return table, packed, coef, torch.zeros((n,), dtype=torch.int32, device=device), idx
         if per_sample:
             if not self._per_sample_ok():
                 raise ValueError(f"{type(self).__name__}.step takes one timestep per call: its timesteps "

@@ -135,7 +135,7 @@ class DDPMScheduler(_VPScheduler):
             else:
                 c = float(self._get_variance(t) ** 0.5)
         sig = _vp_sigmas([float(abar_t), float(abar_prev)])
-        return frame_row("ddpm", sig[0], sig[1], "vp", a=x_coef, b_new=x0_coef, c=c, lv=lv, write=False,
+        return frame_row("ddpm", sig[0], sig[1], "vp", a=x_coef, b_new=x0_coef, c=c, lv=lv,
                          timestep=t)
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, generator=None, return_dict: bool = True):
@@ -204,7 +204,7 @@ class DDIMScheduler(_VPScheduler):
                 b_new - direction * float(abar_t ** 0.5 / beta_prod_t ** 0.5), 0.0
         sig = _vp_sigmas([float(abar_t), float(abar_prev)])
         return frame_row("ddim", sig[0], sig[1], "vp", a=a, b_new=b_new, g_eps=g_eps,
-                         c=float(std) if eta > 0 else 0.0, write=False, timestep=t)
+                         c=float(std) if eta > 0 else 0.0, timestep=t)
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, eta: float = 0.0,
              use_clipped_model_output: bool = False, generator=None, variance_noise: Optional[Tensor] = None,

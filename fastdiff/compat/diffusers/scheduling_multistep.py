@@ -17,8 +17,8 @@ from torch import Tensor
 from fastdiff import samplers as S
 from fastdiff.compat.diffusers.scheduling_base import (
     KARRAS_SCHEDULERS,
-    _beta_spacing,
     _bcast,
+    _beta_spacing,
     _check_one_spacing,
     _exponential,
     _host,
