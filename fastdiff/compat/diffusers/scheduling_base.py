@@ -240,6 +240,18 @@ def _lu_lambdas(in_lambdas: np.ndarray, steps: int) -> np.ndarray:
     return np.linspace(float(in_lambdas[0]), float(in_lambdas[-1]), steps)
 
 
+def check_inference_steps(num_inference_steps, n: int) -> int:
+    """``num_inference_steps`` as an int in [1, num_train_timesteps] (integer-timestep schedules)."""
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) \
+            or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+    if num_inference_steps > n:
+        raise ValueError(f"`num_inference_steps`: {num_inference_steps} cannot be larger than "
+                         f"`self.config.train_timesteps`: {n} as the unet model trained with this scheduler can "
+                         f"only handle maximal {n} timesteps.")
+    return int(num_inference_steps)
+
+
 def _check_one_spacing(cfg) -> None:
     if sum(bool(getattr(cfg, k, False)) for k in ("use_beta_sigmas", "use_exponential_sigmas",
                                                    "use_karras_sigmas")) > 1:
@@ -657,6 +669,33 @@ class _SigmaScheduler(_TableScheduler):
             sigmas = convert(sigmas, steps, lo, hi)
             timesteps = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas])
         return sigmas, timesteps
+
+
+def churn_gammas(sigmas: np.ndarray, s_churn: float, s_tmin: float, s_tmax: float) -> np.ndarray:
+    """Karras et al. (2022), Algorithm 2's gamma per step, as diffusers computes it (``len(sigmas) - 1``)."""
+    n = len(sigmas) - 1
+    g = min(s_churn / n, 2 ** 0.5 - 1) if s_churn > 0 else 0.0
+    return np.array([g if s_tmin <= sigmas[i] <= s_tmax else 0.0 for i in range(n)])
+
+
+def churn_euler_table(sigmas: np.ndarray, gammas: np.ndarray, s_noise: float, x0_sigma, p_at) -> S.SamplerTable:
+    """Euler steps with Karras churn (Algorithm 2, lines 4-8), one row per step in the sigma view.
+
+    The churn noise ``k z``, ``k = s_noise sqrt(sigma_hat^2 - sigma^2)``, lands on x before the step
+    (``x_hat = x + k z``) but after the model has seen x: the row takes it as its noise term. x0 is
+    ``p x_hat + q m`` at ``x0_sigma(sigma, sigma_hat)`` (sigma_hat for eps and EDM, sigma for v), so that
+    ``x' = (1 + dt/sigma_hat) x_hat - (dt/sigma_hat) x0 = a x + b x0_kernel + k (a + b p) z``.
+    """
+    rows = S._Rows("euler_churn", "x0", 1, np.array([1.0, 0.0]), None)
+    for i in range(len(sigmas) - 1):
+        s, sn, g = float(sigmas[i]), float(sigmas[i + 1]), float(gammas[i])
+        sh = s * (g + 1)
+        k = s_noise * math.sqrt(max(sh * sh - s * s, 0.0))
+        s_x0 = x0_sigma(s, sh)
+        dt = sn - sh
+        a, b = 1 + dt / sh, -dt / sh
+        rows.add(i, s_x0, sn, a=a, b_new=b, c=k * (a + b * float(p_at(s_x0))), write=False)
+    return rows.build()
 
 
 def flow_frame_sigmas(s: np.ndarray) -> np.ndarray:

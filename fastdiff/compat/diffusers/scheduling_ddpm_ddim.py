@@ -15,6 +15,7 @@ from fastdiff.compat.diffusers.scheduling_base import (
     _spaced,
     _vp_sigmas,
     _VPScheduler,
+    check_inference_steps,
     frame_row,
     randn_tensor,
     register_to_config,
@@ -22,17 +23,6 @@ from fastdiff.compat.diffusers.scheduling_base import (
 
 _DDPM_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned",
                    "learned_range")
-
-
-def _check_steps(num_inference_steps, n: int) -> int:
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) \
-            or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
-    if num_inference_steps > n:
-        raise ValueError(f"`num_inference_steps`: {num_inference_steps} cannot be larger than "
-                         f"`self.config.train_timesteps`: {n} as the unet model trained with this scheduler can "
-                         f"only handle maximal {n} timesteps.")
-    return int(num_inference_steps)
 
 
 class DDPMScheduler(_VPScheduler):
@@ -78,7 +68,7 @@ class DDPMScheduler(_VPScheduler):
             ts = np.array(timesteps, dtype=np.int64)
             self.custom_timesteps = True
         else:
-            self.num_inference_steps = _check_steps(num_inference_steps, n)
+            self.num_inference_steps = check_inference_steps(num_inference_steps, n)
             ts = _spaced(self.config.timestep_spacing, n, num_inference_steps, self.config.steps_offset,
                          np.int64)
             self.custom_timesteps = False
@@ -180,7 +170,7 @@ class DDIMScheduler(_VPScheduler):
 
     def set_timesteps(self, num_inference_steps: int, device=None):
         n = self.config.num_train_timesteps
-        self.num_inference_steps = _check_steps(num_inference_steps, n)
+        self.num_inference_steps = check_inference_steps(num_inference_steps, n)
         ts = _spaced(self.config.timestep_spacing, n, num_inference_steps, self.config.steps_offset, np.int64)
         self.timesteps = torch.from_numpy(ts).to(device)
         self._reset_state()

@@ -18,6 +18,8 @@ from fastdiff.compat.diffusers.scheduling_base import (
     BaseOutput,
     _host,
     _SigmaScheduler,
+    churn_euler_table,
+    churn_gammas,
     randn_tensor,
     register_to_config,
 )
@@ -92,8 +94,7 @@ class EDMEulerScheduler(_EDMScheduler):
     """diffusers' ``EDMEulerScheduler``: Euler steps (Karras et al. 2022, Algorithm 2 without churn) on the
     EDM schedule; a given ``pred_original_sample`` replaces the model's x0 (then the row takes x0 itself).
 
-    ``s_churn > 0`` is the one option left out here (use :func:`fastdiff.compat.k_diffusion.sample_euler`,
-    which has it): the churn noise lands before the step, on a state the model has already seen.
+    ``s_churn`` (Karras' churn) is a table option too: its noise is the row's noise term.
     """
 
     @register_to_config
@@ -130,9 +131,17 @@ class EDMEulerScheduler(_EDMScheduler):
         self._begin_index = None
         self._reset_state()
 
-    def _build_table(self, given_x0: bool = False) -> S.SamplerTable:
+    def _build_table(self, given_x0: bool = False, s_churn: float = 0.0, s_tmin: float = 0.0,
+                     s_tmax: float = float("inf"), s_noise: float = 1.0) -> S.SamplerTable:
+        sig = _host(self.sigmas)
         with S.lenient():
-            table = S.euler(_host(self.sigmas), timesteps=_host(self.timesteps))
+            if s_churn > 0:
+                p_at = (lambda s: 0.0) if given_x0 else (lambda s: self._x0_pq(np.array([s]))[0][0])
+                table = churn_euler_table(sig, churn_gammas(sig, s_churn, s_tmin, s_tmax), s_noise,
+                                          lambda s, sh: sh, p_at)
+                table.timestep = _host(self.timesteps)[:table.num_rows]
+            else:
+                table = S.euler(sig, timesteps=_host(self.timesteps))
         table.options["given_x0"] = given_x0
         return table
 
@@ -144,19 +153,36 @@ class EDMEulerScheduler(_EDMScheduler):
     def step(self, model_output: Tensor, timestep, sample: Tensor, s_churn: float = 0.0, s_tmin: float = 0.0,
              s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None, return_dict: bool = True,
              pred_original_sample: Optional[Tensor] = None):
-        """One Euler step from ``sigmas[i]`` to ``sigmas[i + 1]``."""
+        """One Euler step from ``sigmas[i]`` to ``sigmas[i + 1]`` (with ``s_churn``, Karras' churn noise from
+        ``generator`` where the step's gamma > 0 is the row's noise term)."""
         if isinstance(timestep, int) or (isinstance(timestep, Tensor) and not timestep.is_floating_point()):
             raise ValueError("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
                              "`EDMEulerScheduler.step()` is not supported. Make sure to pass one of the "
                              "`scheduler.timesteps` as a timestep.")
-        if s_churn > 0:
-            raise NotImplementedError("s_churn > 0 is not supported by fastdiff's EDMEulerScheduler (use "
-                                      "fastdiff.compat.k_diffusion.sample_euler for churn)")
         given = pred_original_sample is not None
-        m = pred_original_sample if given else model_output
-        out = self._fused_step(m.to(model_output.dtype) if given else m, timestep, sample.to(torch.float32),
-                               options={"given_x0": given}, return_dict=False)
+        opts = {"given_x0": given}
+        if s_churn > 0:
+            opts.update(s_churn=float(s_churn), s_tmin=float(s_tmin), s_tmax=float(s_tmax), s_noise=float(s_noise))
+        drawn = []
+
+        def noise_fn(idx, rows):
+            if not s_churn > 0 or self._table(sample.device, **opts)[0].c[idx] == 0:
+                return None
+            drawn.append(randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
+                                      generator=generator))
+            return drawn[-1]
+
+        m = pred_original_sample.to(model_output.dtype) if given else model_output
+        out = self._fused_step(m, timestep, sample.to(torch.float32), options=opts, noise_fn=noise_fn,
+                               return_dict=False)
         prev, x0 = out[0].to(model_output.dtype), out[1]
+        if drawn and not given:  # x0 of the churned state x + k z
+            i = self._step_index - 1
+            s = float(self.sigmas[i])
+            g = churn_gammas(_host(self.sigmas), s_churn, s_tmin, s_tmax)[i]
+            sh = s * (g + 1)
+            k = s_noise * math.sqrt(max(sh * sh - s * s, 0.0))
+            x0 = x0 + float(self._x0_pq(np.array([sh]))[0][0]) * k * drawn[0].to(x0.dtype)
         if not return_dict:
             return (prev, x0)
         return EDMEulerSchedulerOutput(prev_sample=prev, pred_original_sample=x0)

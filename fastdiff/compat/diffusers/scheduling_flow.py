@@ -230,11 +230,7 @@ class FlowMatchEulerDiscreteScheduler(_FlowScheduler):
 
 class FlowMatchHeunDiscreteScheduler(_FlowScheduler):
     """diffusers' ``FlowMatchHeunDiscreteScheduler``: Heun's method on the velocity, in flow time; the second
-    stage is built on the first stage's stored state and velocity, as diffusers keeps them.
-
-    ``s_churn > 0`` is not offered: diffusers' churn re-noises the state by a flow-time amount it treats as a
-    variance-exploding sigma.
-    """
+    stage is built on the first stage's stored state and velocity, as diffusers keeps them (churn included)."""
 
     order = 2
     _compatibles: list = []
@@ -283,18 +279,24 @@ class FlowMatchHeunDiscreteScheduler(_FlowScheduler):
     def _per_sample_ok(self) -> bool:
         return False
 
-    def _build_table(self) -> S.SamplerTable:
+    def _build_table(self, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
+                     s_noise: float = 1.0) -> S.SamplerTable:
         s = _host(self._step_sigmas)
+        n_all = len(self.sigmas) - 1  # diffusers' gamma divides by the repeated array's length
         rows = S._Rows("flow_heun", "x0", 1, np.array([1.0, 0.0]), None)
         for i in range(len(s) - 1):
             sig, sig_next = flow_frame_sigmas(s[i:i + 2])
-            dt = s[i + 1] - s[i]
+            g = min(s_churn / n_all, 2 ** 0.5 - 1) if s_churn > 0 and s_tmin <= s[i] <= s_tmax else 0.0
+            s_hat = s[i] * (g + 1)
+            k = s_noise * float(np.sqrt(max(s_hat ** 2 - s[i] ** 2, 0.0)))  # churn noise, in flow units
+            dt = s[i + 1] - s_hat
+            v1 = dt * s[i] / s_hat  # diffusers' first derivative is v sigma / sigma_hat
             if s[i + 1] == 0:
-                rows.add(i, sig, sig_next, a=1.0, g_m=dt, write=False)
+                rows.add(i, sig, sig_next, a=1.0, g_m=v1, c=k, write=False)
                 continue
-            # stage 1: x2 = x + dt v1, keeping x + dt/2 v1; stage 2: x' = kept + dt/2 v2
-            rows.add(i, sig, sig_next, a=1.0, g_m=dt, hist=(1.0, 0.0, dt / 2))
-            rows.add(i, sig_next, sig_next, a=0.0, g_m=dt / 2, lags={1: 1.0}, write=False)
+            # stage 1: x2 = x + k z + dt v1, keeping x + dt/2 v1; stage 2: x' = kept + k z + dt/2 v2 (same z)
+            rows.add(i, sig, sig_next, a=1.0, g_m=v1, c=k, hist=(1.0, 0.0, v1 / 2))
+            rows.add(i, sig_next, sig_next, a=0.0, g_m=dt / 2, c=k, lags={1: 1.0}, write=False)
         table = rows.build()
         table.frame = "flow"
         table.timestep = _host(self.timesteps)
@@ -302,11 +304,27 @@ class FlowMatchHeunDiscreteScheduler(_FlowScheduler):
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, s_churn: float = 0.0, s_tmin: float = 0.0,
              s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None, return_dict: bool = True):
-        """One stage of Heun's method on the velocity (diffusers calls ``step`` twice per step)."""
+        """One stage of Heun's method on the velocity (diffusers calls ``step`` twice per step). With
+        ``s_churn``, the churn noise of the first stage is the noise term of both stages' rows (diffusers
+        draws a second one in the second stage, whose effect cancels; it is drawn here too, unused)."""
         _check_float_timestep(timestep, "FlowMatchHeunDiscreteScheduler")
+        opts = {}
         if s_churn > 0:
-            raise NotImplementedError("s_churn > 0 is not supported by FlowMatchHeunDiscreteScheduler here")
-        prev = self._fused_step(model_output, timestep, sample.to(torch.float32), return_dict=False)[0]
+            opts = {"s_churn": float(s_churn), "s_tmin": float(s_tmin), "s_tmax": float(s_tmax),
+                    "s_noise": float(s_noise)}
+        first = self.state_in_first_order
+
+        def noise_fn(idx, rows):
+            if not s_churn > 0 or self._table(sample.device, **opts)[0].c[idx] == 0:
+                return None
+            z = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
+                             generator=generator)
+            if first:
+                self._churn_noise = z
+            return self._churn_noise
+
+        prev = self._fused_step(model_output, timestep, sample.to(torch.float32), options=opts, noise_fn=noise_fn,
+                                return_dict=False)[0]
         prev = prev.to(model_output.dtype)
         if not return_dict:
             return (prev,)

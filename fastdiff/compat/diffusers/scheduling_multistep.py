@@ -26,6 +26,7 @@ from fastdiff.compat.diffusers.scheduling_base import (
     _sigma_to_t,
     _spaced,
     _VPScheduler,
+    check_inference_steps,
     flow_frame_sigmas,
     randn_tensor,
     register_to_config,
@@ -210,8 +211,8 @@ class DPMSolverMultistepScheduler(_MultistepScheduler):
         for flag in ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas"):
             if timesteps is not None and getattr(cfg, flag):
                 raise ValueError(f"Cannot use `timesteps` with `config.{flag} = True`")
-        if timesteps is None and (num_inference_steps is None or num_inference_steps < 1):
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps!r}")
+        if timesteps is None:
+            check_inference_steps(num_inference_steps, cfg.num_train_timesteps)
         if timesteps is not None:
             ts = np.array(timesteps).astype(np.int64)
         else:
@@ -318,8 +319,8 @@ class UniPCMultistepScheduler(_MultistepScheduler):
                 raise ValueError("Passing `sigmas` is only supported when `use_flow_sigmas=True`. Please set "
                                  "`use_flow_sigmas=True` during scheduler initialization.")
             num_inference_steps = len(sigmas)
-        if num_inference_steps is None or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps!r}")
+        else:
+            check_inference_steps(num_inference_steps, cfg.num_train_timesteps)
         ts = _spaced(cfg.timestep_spacing, cfg.num_train_timesteps, num_inference_steps, cfg.steps_offset,
                      np.int64, multistep=True)
         spaced = cfg.use_karras_sigmas or cfg.use_exponential_sigmas or cfg.use_beta_sigmas
@@ -405,8 +406,7 @@ class DEISMultistepScheduler(_MultistepScheduler):
     def set_timesteps(self, num_inference_steps: int, device=None, mu=None):
         cfg = self.config
         self._dynamic_shift(mu)
-        if num_inference_steps is None or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps!r}")
+        check_inference_steps(num_inference_steps, cfg.num_train_timesteps)
         ts = _spaced(cfg.timestep_spacing, cfg.num_train_timesteps, num_inference_steps, cfg.steps_offset,
                      np.int64, multistep=True)
         if cfg.use_karras_sigmas or cfg.use_exponential_sigmas or cfg.use_beta_sigmas:

@@ -24,6 +24,7 @@ from fastdiff.compat.diffusers.scheduling_base import (
     SchedulerOutput,
     _vp_sigmas,
     _VPScheduler,
+    check_inference_steps,
     register_to_config,
 )
 
@@ -105,9 +106,7 @@ class PNDMScheduler(_VPScheduler):
     def set_timesteps(self, num_inference_steps: int, device=None):
         cfg = self.config
         n = cfg.num_train_timesteps
-        if num_inference_steps is None or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps!r}")
-        self.num_inference_steps = num_inference_steps
+        self.num_inference_steps = check_inference_steps(num_inference_steps, n)
         if cfg.timestep_spacing == "linspace":
             ts = np.linspace(0, n - 1, num_inference_steps).round().astype(np.int64)
         elif cfg.timestep_spacing == "leading":

@@ -12,11 +12,14 @@ from torch import Tensor
 from fastdiff import samplers as S
 from fastdiff.compat.diffusers.scheduling_base import (
     KARRAS_SCHEDULERS,
+    SchedulerOutput,
     _check_one_spacing,
     _host,
     _sigma_to_t,
     _SigmaScheduler,
     _spaced,
+    churn_euler_table,
+    churn_gammas,
     randn_tensor,
     register_to_config,
 )
@@ -110,20 +113,53 @@ class EulerDiscreteScheduler(_SigmaScheduler):
         self._begin_index = None
         self._reset_state()
 
-    def _build_table(self) -> S.SamplerTable:
+    def _build_table(self, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
+                     s_noise: float = 1.0) -> S.SamplerTable:
+        sig = _host(self.sigmas)
+        if s_churn > 0:
+            pred = self.config.prediction_type
+            x0_sigma = (lambda s, sh: sh) if pred == "epsilon" else (lambda s, sh: s)
+            p_at = lambda s: self._x0_pq(np.array([s]))[0][0]
+            gammas = churn_gammas(_host(self.sigmas), s_churn, s_tmin, s_tmax)
+            with S.lenient():
+                return churn_euler_table(sig, gammas, s_noise, x0_sigma, p_at)
         # final_sigmas_type="sigma_min" with Karras / exponential sigmas ends in a step from sigma_min to
         # sigma_min: an identity row
         with S.lenient():
-            return S.euler(_host(self.sigmas))
+            return S.euler(sig)
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, s_churn: float = 0.0, s_tmin: float = 0.0,
              s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None, return_dict: bool = True):
-        """One Euler step from ``sigmas[i]`` to ``sigmas[i + 1]``."""
+        """One Euler step from ``sigmas[i]`` to ``sigmas[i + 1]``; with ``s_churn`` the Karras churn noise
+        (drawn from ``generator`` where the step's gamma > 0) is the row's noise term."""
         _check_int_timestep(timestep, "EulerDiscreteScheduler")
-        if s_churn > 0:
-            raise NotImplementedError("s_churn > 0 is not supported by fastdiff's EulerDiscreteScheduler "
-                                      "(fastdiff.compat.k_diffusion.sample_euler supports churn)")
-        return self._fused_step(model_output, timestep, sample, return_dict=return_dict)
+        if not s_churn > 0:
+            return self._fused_step(model_output, timestep, sample, return_dict=return_dict)
+        opts = {"s_churn": float(s_churn), "s_tmin": float(s_tmin), "s_tmax": float(s_tmax),
+                "s_noise": float(s_noise)}
+        drawn = []
+
+        def noise_fn(idx, rows):
+            table = self._table(sample.device, **opts)[0]
+            if not np.any(table.c[rows.tolist()] != 0):
+                return None
+            drawn.append(randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
+                                      generator=generator))
+            return drawn[-1]
+
+        prev, x0 = self._fused_step(model_output, timestep, sample, options=opts, noise_fn=noise_fn,
+                                    return_dict=False)
+        if drawn:  # x0 of the churned state x + k z
+            i = self._step_index - 1
+            s = float(self.sigmas[i])
+            g = churn_gammas(_host(self.sigmas), s_churn, s_tmin, s_tmax)[i]
+            k = s_noise * math.sqrt(max((s * (g + 1)) ** 2 - s * s, 0.0))
+            table = self._table(sample.device, **opts)[0]
+            p = float(self._x0_pq(table.sigma[i:i + 1])[0][0])
+            x0 = x0 + (p * k) * drawn[0].to(x0.dtype)
+        if not return_dict:
+            return (prev, x0)
+        return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
 
 class EulerAncestralDiscreteScheduler(_SigmaScheduler):

@@ -21,6 +21,7 @@ from fastdiff.compat.diffusers.scheduling_base import (
     _host,
     _karras,
     _sigma_to_t,
+    check_inference_steps,
     frame_row,
     randn_tensor,
     register_to_config,
@@ -97,9 +98,9 @@ class DPMSolverSinglestepScheduler(_MultistepScheduler):
         for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
             if timesteps is not None and getattr(cfg, flag):
                 raise ValueError(f"Cannot set `timesteps` with `config.{flag} = True`.")
+        if timesteps is None:
+            check_inference_steps(num_inference_steps, cfg.num_train_timesteps)
         num_inference_steps = num_inference_steps or len(timesteps)
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         self.num_inference_steps = num_inference_steps
         if timesteps is not None:
             ts = np.array(timesteps).astype(np.int64)
