@@ -510,7 +510,7 @@ def dpm_solver(sigmas, *, orders: Optional[Sequence[int]] = None, eta: float = 0
 DPM_ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
 
 
-def dpm_multistep(sigmas, *, orders: Sequence[int], algorithm_type: str = "dpmsolver++",
+def dpm_multistep(sigmas, *, orders: Optional[Sequence[int]] = None, algorithm_type: str = "dpmsolver++",
                   solver_type: str = "midpoint", timesteps=None) -> SamplerTable:
     """Multistep DPM-Solver of orders 1-3 as diffusers' DPMSolverMultistepScheduler computes it, in the sigma
     view (lambda = -log sigma, h = lambda' - lambda): Lu et al. (2022b), Algorithms 2-3 (``dpmsolver++``:
@@ -518,7 +518,8 @@ def dpm_multistep(sigmas, *, orders: Sequence[int], algorithm_type: str = "dpmso
     is eps = d, ``x' = x - (sigma - sigma') eps + ...``), and their SDE forms (Lu et al. 2022b, Sec. 5; Gonzalez
     et al. 2023) with noise ``sigma' sqrt(1 - e^{-2h})`` (``sde-dpmsolver++``) or ``sqrt(sigma^2 - sigma'^2)``
     (``sde-dpmsolver``). ``orders`` gives each step's order (the warm-up and final-step rules are the
-    caller's); ``solver_type`` ("midpoint" | "heun") picks the second-order correction.
+    caller's; default: second order after the first step, first order into sigma = 0); ``solver_type``
+    ("midpoint" | "heun") picks the second-order correction.
     """
     if algorithm_type not in DPM_ALGORITHMS:
         raise ValueError(f"algorithm_type must be one of {DPM_ALGORITHMS}, got {algorithm_type!r}")
@@ -528,6 +529,8 @@ def dpm_multistep(sigmas, *, orders: Sequence[int], algorithm_type: str = "dpmso
     sde = algorithm_type.startswith("sde")
     rb = _Rows("dpm_multistep", "x0" if data else "d", 2, sigmas, timesteps, algorithm_type=algorithm_type,
                solver_type=solver_type)
+    if orders is None:
+        orders = [1 if i == 0 or rb.sig[i + 1] == 0 else 2 for i in range(rb.steps)]
     orders = _check_orders(orders, rb.steps, 2 if sde and not data else 3)
     if not data:
         rb.finite_start()
@@ -577,13 +580,16 @@ def _dpm_multistep_row(lam, i, s, sn, k, data, sde, solver_type) -> dict:
     return dict(a=float(a), b_new=float(vec[0]), lags={1: float(vec[1]), 2: float(vec[2])}, c=float(noise))
 
 
-def deis(sigmas, *, orders: Sequence[int], timesteps=None) -> SamplerTable:
+def deis(sigmas, *, orders: Optional[Sequence[int]] = None, timesteps=None) -> SamplerTable:
     """DEIS multistep (Zhang & Chen 2023, "Fast Sampling of Diffusion Models with Exponential Integrator"),
     the log-rho variant diffusers' DEISMultistepScheduler implements: in the sigma view (rho = sigma) with
     history eps = d, ``x' = x + sum_j C_j eps_{i-j}``, ``C_j`` the integral over [rho, rho'] of the Lagrange
-    basis polynomial in log rho through the last ``orders[i]`` rhos. First order is DDIM.
+    basis polynomial in log rho through the last ``orders[i]`` rhos (default: third order after the warm-up,
+    first order into sigma = 0). First order is DDIM.
     """
     rb = _Rows("deis", "d", 2, sigmas, timesteps)
+    if orders is None:
+        orders = [1 if rb.sig[i + 1] == 0 else min(i + 1, 3) for i in range(rb.steps)]
     orders = _check_orders(orders, rb.steps, 3)
     rb.finite_start()
     sig = rb.sig
@@ -1065,7 +1071,7 @@ def pack_table(table: SamplerTable, p: np.ndarray, q: np.ndarray, frame: str = "
     q = np.broadcast_to(np.asarray(q, dtype=np.float64), (r,)).copy()
     sig = table.sigma
     inf = np.isinf(sig)
-    if check and inf.any() and "sigma" in (frame, table.frame):
+    if check and inf.any() and frame == "sigma":
         raise ValueError(f"table for {table.name!r} starts at sigma = inf: the sigma-view state is not finite "
                          "there; carry the state in the model's frame (frame='vp' or 'flow')")
     fin = np.where(inf, 1.0, sig)
@@ -1073,8 +1079,11 @@ def pack_table(table: SamplerTable, p: np.ndarray, q: np.ndarray, frame: str = "
         # frame scales in and out (at inf both model frames hold x / sigma: scale 1)
         f_in = np.where(inf, 1.0, frame_scale(fin, frame))
         t_in = np.where(inf, 1.0, frame_scale(fin, table.frame))
-        k_in = t_in / f_in  # table-frame state = k_in * target-frame state
-        k_out = frame_scale(table.sigma_next, frame) / frame_scale(table.sigma_next, table.frame)
+        if frame == table.frame:  # exact, also where a frame scale is 0 or inf
+            k_in = k_out = np.ones(r)
+        else:
+            k_in = t_in / f_in  # table-frame state = k_in * target-frame state
+            k_out = frame_scale(table.sigma_next, frame) / frame_scale(table.sigma_next, table.frame)
         uses_m = table.h_m != 0
         if np.any(uses_m & (q == 0)):
             raise ValueError(f"table for {table.name!r} keeps the raw model output, which x0-prediction "
@@ -1082,8 +1091,10 @@ def pack_table(table: SamplerTable, p: np.ndarray, q: np.ndarray, frame: str = "
         qq = np.where(uses_m, q, 1.0)
         e = (table.h_x - table.h_m * (p / t_in) / qq) * k_in
         f = table.h_x0 + table.h_m / qq
-        a = table.a * k_in * k_out + table.g_eps * k_out * np.where(inf, 1.0, (1 - p) / (f_in * fin))
-        g = (table.g_m - table.g_eps * np.where(inf, 0.0, q / fin)) * k_out
+        eps = table.g_eps != 0  # fold eps = ((1 - p) x - q m) / sigma only where a row uses it
+        a = table.a * k_in * k_out + np.where(eps, table.g_eps * k_out * np.where(inf, 1.0, (1 - p) / (f_in * fin)),
+                                              0.0)
+        g = (table.g_m - np.where(eps, table.g_eps * np.where(inf, 0.0, q / fin), 0.0)) * k_out
         p = p / f_in
     b0, c, bs = table.b_new * k_out, table.c * k_out, table.b_slots * k_out[:, None]
     out = np.zeros((r, COL_SLOTS + s))

@@ -200,13 +200,18 @@ def _spaced(spacing: str, n_train: int, steps: int, steps_offset: int, dtype, mu
     raise ValueError(f"timestep_spacing must be 'linspace', 'leading' or 'trailing', got {spacing!r}")
 
 
-def _sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
-    """Fractional timestep of each sigma by interpolation of log sigma (diffusers' ``_sigma_to_t``)."""
+def _sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray, torch_math: bool = False) -> np.ndarray:
+    """Fractional timestep of each sigma by interpolation of log sigma (diffusers' ``_sigma_to_t``).
+
+    ``torch_math``: diffusers passed torch tensors (KDPM2), so a float32 input stays float32 at the end.
+    """
     log_sigma = np.log(np.maximum(sigma, 1e-10))
     dists = log_sigma - log_sigmas[:, np.newaxis]
     low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
     lo, hi = log_sigmas[low], log_sigmas[low + 1]
     w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
+    if torch_math:
+        low = low.astype(w.dtype)
     return ((1 - w) * low + w * (low + 1)).reshape(np.shape(sigma))
 
 

@@ -53,7 +53,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
         train = self._train_sigmas()[::-1].copy()
         self.sigmas = torch.cat([torch.from_numpy(train), torch.zeros(1)])
         if timestep_type == "continuous" and prediction_type == "v_prediction":
-            self.timesteps = torch.tensor([0.25 * math.log(s) for s in train], dtype=torch.float32)
+            self.timesteps = torch.Tensor([0.25 * s.log() for s in self.sigmas[:-1]])
         else:
             self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps,
                                                           dtype=float)[::-1].copy().astype(np.float32))
@@ -105,8 +105,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
             sig = np.concatenate([sig, [last]]).astype(np.float32)
         self.sigmas = torch.from_numpy(sig).to(dtype=torch.float32)
         if cfg.timestep_type == "continuous" and cfg.prediction_type == "v_prediction":
-            self.timesteps = torch.tensor([0.25 * math.log(s) for s in sig[:-1]], dtype=torch.float32,
-                                          device=device)
+            self.timesteps = torch.Tensor([0.25 * s.log() for s in self.sigmas[:-1]]).to(device=device)
         else:
             self.timesteps = torch.from_numpy(np.asarray(ts).astype(np.float32)).to(device=device)
         self._step_index = None
