@@ -445,22 +445,27 @@ class _TableScheduler(SchedulerMixin, ConfigMixin):
     # -- rows -------------------------------------------------------------------------------------
 
     def _rows(self, timestep, n: int, device, options: dict):
-        """``(table, packed host, packed device, rows (N,), scalar index or None)``."""
+        """``(table, packed host, packed device, rows (N,), scalar index or None, the rows used (host))``."""
         per_sample = isinstance(timestep, Tensor) and timestep.dim() > 0 and timestep.numel() > 1
         if per_sample and timestep.numel() != n:
             raise ValueError(f"timestep must be a scalar or hold one timestep per sample ({n}), got shape "
                              f"{tuple(timestep.shape)}")
         if self._stateless:
+            # the run's timesteps share one table (moved to the device once); any other timestep gets its own
             ts = timestep.reshape(-1).tolist() if isinstance(timestep, Tensor) else [timestep]
-            uniq = list(dict.fromkeys(float(t) for t in ts))
-            key = ("rows", tuple(uniq)) + tuple(sorted(options.items()))
+            run = [float(t) for t in self.timesteps.tolist()]
+            where = {t: k for k, t in reversed(list(enumerate(run)))}  # first match, as diffusers looks it up
+            if all(float(t) in where for t in ts):
+                uniq, key = run, ("rows-run",) + tuple(sorted(options.items()))
+            else:
+                uniq = list(dict.fromkeys(float(t) for t in ts))
+                key = ("rows", tuple(uniq)) + tuple(sorted(options.items()))
+                where = {t: k for k, t in enumerate(uniq)}
             table, packed, coef = self._cached(
                 key, lambda: S.concat_tables([self._row_table(t, **options) for t in uniq]), device)
-            if per_sample:
-                rows = torch.tensor([uniq.index(float(t)) for t in ts], dtype=torch.int32, device=device)
-            else:
-                rows = torch.zeros((n,), dtype=torch.int32, device=device)
-            return table, packed, coef, rows, None
+            idx = [where[float(t)] for t in ts]
+            rows = torch.tensor(idx if per_sample else idx * n, dtype=torch.int32, device=device)
+            return table, packed, coef, rows, None, sorted(set(idx))
         if self._rowwise:
             if per_sample:
                 raise ValueError(f"{type(self).__name__}.step takes one timestep per call")
@@ -469,7 +474,7 @@ class _TableScheduler(SchedulerMixin, ConfigMixin):
             idx = self._step_index
             key, make = self._call_row(idx, timestep, **options)
             table, packed, coef = self._cached(("call",) + tuple(key), make, device)
-            return table, packed, coef, torch.zeros((n,), dtype=torch.int32, device=device), idx
+            return table, packed, coef, torch.zeros((n,), dtype=torch.int32, device=device), idx, [0]
         if per_sample:
             if not self._per_sample_ok():
                 raise ValueError(f"{type(self).__name__}.step takes one timestep per call: its timesteps "
@@ -479,6 +484,7 @@ class _TableScheduler(SchedulerMixin, ConfigMixin):
             if not bool(eq.any(1).all()):
                 raise ValueError("every per-sample timestep must be one of scheduler.timesteps")
             rows, idx = eq.int().argmax(1), None
+            used = sorted(set(rows.tolist()))
         else:
             if self._step_index is None:
                 self._init_step_index(timestep)
@@ -487,6 +493,7 @@ class _TableScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"step index {idx} is past the end of the schedule ({len(self.timesteps)} "
                                  "timesteps): call set_timesteps to start a new run")
             rows = torch.full((n,), idx, dtype=torch.int32, device=device)
+            used = [idx]
         if self._warmup:
             # multistep solvers warm up from the step a run starts at (img2img's begin_index): the table
             # covers timesteps[start:], its rows shifted by start
@@ -494,8 +501,9 @@ class _TableScheduler(SchedulerMixin, ConfigMixin):
                 self._run_start = idx if idx is not None else 0
             options = dict(options, start=self._run_start)
             rows = rows - self._run_start
+            used = [u - self._run_start for u in used]
         table, packed, coef = self._table(device, **options)
-        return table, packed, coef, rows, idx
+        return table, packed, coef, rows, idx, used
 
     def _per_sample_ok(self) -> bool:
         return True
@@ -556,8 +564,8 @@ class _TableScheduler(SchedulerMixin, ConfigMixin):
                    else type(model_output).__name__)
             raise ValueError(f"model_output must have sample's shape {tuple(sample.shape)}, got {got}")
         self._check_ready()
-        table, packed, coef, rows, idx = self._rows(timestep, sample.shape[0], sample.device, dict(options or {}))
-        used = sorted(set(rows.tolist())) if idx is None else [int(rows[0])]
+        table, packed, coef, rows, idx, used = self._rows(timestep, sample.shape[0], sample.device,
+                                                          dict(options or {}))
         if not np.all(np.isfinite(packed[used])):
             raise ValueError(f"{type(self).__name__}: the step at timestep {timestep!r} has non-finite "
                              "coefficients (this schedule has no finite x0 or step there)")

@@ -58,9 +58,6 @@ class _FlowScheduler(_TableScheduler):
     def _x0_pq(self, sigma):
         return x0_coefficients("flow", sigma)
 
-    def _flow_rows(self, s: np.ndarray) -> tuple:
-        return flow_frame_sigmas(s), s
-
     def scale_noise(self, sample: Tensor, timestep, noise: Optional[Tensor] = None) -> Tensor:
         """The forward process ``(1 - s) sample + s noise`` at the timestep's flow time."""
         sigmas = self.sigmas.to(device=sample.device, dtype=sample.dtype)

@@ -140,7 +140,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
 
         def noise_fn(idx, rows):
             table = self._table(sample.device, **opts)[0]
-            if not np.any(table.c[rows.tolist()] != 0):
+            if not np.any(table.c[[idx] if idx is not None else rows.tolist()] != 0):
                 return None
             drawn.append(randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
                                       generator=generator))
