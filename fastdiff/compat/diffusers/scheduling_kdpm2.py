@@ -83,10 +83,8 @@ class _KDPM2Base(_SigmaScheduler):
         self._begin_index = None
         self._reset_state()
 
-    def _scale_index(self, timestep):
-        return super()._scale_index(timestep)
-
     def scale_model_input(self, sample: Tensor, timestep=None) -> Tensor:
+        """``sample / sqrt(sigma^2 + 1)`` at the call's sigma (the midpoint in a step's second call)."""
         if self._step_index is None:
             self._init_step_index(timestep)
         i = self._step_index
@@ -157,9 +155,6 @@ class KDPM2DiscreteScheduler(_KDPM2Base):
         self.timesteps = torch.cat([ts[:1], inter]).to(device)
         self._set_state()
 
-    def _interpol_index(self, i: int) -> int:
-        return i
-
     def _row(self, i: int, first: bool):
         sig, mid = self.sigmas.double().numpy(), self.sigmas_interpol.double().numpy()
         if first:  # x2 = x + (sigma_mid - sigma) eps at sigma; keep x
@@ -208,14 +203,7 @@ class KDPM2AncestralDiscreteScheduler(_KDPM2Base):
         self._set_state()
 
     def _interpol_index(self, i: int) -> int:
-        return i - 1
-
-    def scale_model_input(self, sample: Tensor, timestep=None) -> Tensor:
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        i = self._step_index
-        sigma = self.sigmas[i] if self.state_in_first_order else self.sigmas_interpol[i - 1]
-        return sample / ((sigma ** 2 + 1) ** 0.5)
+        return i - 1  # diffusers' ancestral variant reads the midpoint one place earlier
 
     def _row(self, i: int, first: bool):
         sig, mid = self.sigmas.double().numpy(), self.sigmas_interpol.double().numpy()
