@@ -144,21 +144,22 @@ def clear_cache() -> None:
 
 
 def default_spacing(sampler: str, schedule=None) -> str:
-    """The sigma spacing ``spacing=None`` means: the schedule's own ``default_spacing`` where it has one
-    (flow matching), else :data:`DEFAULT_SPACING` (``"karras"`` for samplers not listed); integer spacings
-    need a discrete schedule, so a continuous one gets ``"uniform"`` instead."""
-    own = getattr(schedule, "default_spacing", None)
-    if isinstance(own, str):
-        return own
+    """The sigma spacing ``spacing=None`` means: a flow schedule's own ``default_spacing``, else
+    :data:`DEFAULT_SPACING` (``"karras"`` for samplers not listed); integer spacings need a discrete
+    schedule, so a continuous one gets ``"uniform"`` instead."""
+    if getattr(schedule, "frame", None) == "flow":  # flow matching lays out diffusers' FlowMatch default
+        return schedule.default_spacing
     spacing = DEFAULT_SPACING.get(sampler, KARRAS)
     if spacing in _INTEGER_SPACINGS and schedule is not None and not hasattr(schedule, "num_train_timesteps"):
         return "uniform"
     return spacing
 
 
-def _sampling_sigmas(schedule, sampler: str, steps: int, spacing: Optional[str]):
+def _sampling_sigmas(denoiser: Denoiser, sampler: str, steps: int, spacing: Optional[str], shape=None):
     """``(sigmas, timesteps)`` for the call: UniPC's integer spacings take diffusers' multistep layout
-    (steps + 1 points, the last dropped), every other case ``schedule.sigmas(steps, spacing)``."""
+    (steps + 1 points, the last dropped), every other case ``denoiser.sigmas(steps, spacing, shape)`` (which
+    sets a dynamically shifted flow schedule's shift from the token count of ``shape``)."""
+    schedule = denoiser.schedule
     if spacing is None:
         spacing = default_spacing(sampler, schedule)
     if sampler == "unipc" and spacing in _INTEGER_SPACINGS and hasattr(schedule, "num_train_timesteps"):
@@ -167,7 +168,7 @@ def _sampling_sigmas(schedule, sampler: str, steps: int, spacing: Optional[str])
         ts = spaced_timesteps(schedule.num_train_timesteps, steps, spacing, multistep=True).astype(np.float64)
         sig = np.asarray(schedule.timestep_to_sigma(ts), dtype=np.float64)
         return np.concatenate([sig, [0.0]]), ts
-    return schedule.sigmas(steps, spacing=spacing)
+    return denoiser.sigmas(steps, spacing=spacing, shape=shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,14 +244,14 @@ def _denoiser_key(denoiser: Denoiser) -> tuple:
             denoiser.dynamic_threshold, denoiser.sample_max_value, _ref(denoiser.model_fn))
 
 
-def _device_table(table, run: Denoiser, device: torch.device) -> tuple[DeviceTable, str]:
+def _device_table(table, run: Denoiser, device: torch.device, frame: str = "sigma") -> tuple[DeviceTable, str]:
     """The packed table on ``device`` and a digest of its contents (built on the host, copied once)."""
-    host = to_device(table, run, "cpu", dtype=torch.float32)
+    host = to_device(table, run, "cpu", dtype=torch.float32, frame=frame)
     digest = hashlib.sha1()
     for t in (host.coef, host.c_in, host.timestep):
         digest.update(str((t.dtype, tuple(t.shape))).encode())
         digest.update(t.numpy().tobytes())
-    digest.update(repr((table.name, table.num_slots, bool(table.learned_range))).encode())
+    digest.update(repr((table.name, table.num_slots, bool(table.learned_range), frame)).encode())
     if device.type == "cpu":
         return host, digest.hexdigest()
     moved = dataclasses.replace(host, coef=host.coef.to(device), c_in=host.c_in.to(device),
@@ -349,7 +350,7 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
            model_kwargs: Optional[dict] = None, channels_last: Optional[bool] = None,
            memory_budget: Optional[float] = None, distributed: Optional[bool] = None,
            backend: Optional[str] = None, callback: Optional[Callable] = None, threads: Optional[int] = None,
-           return_seeds: bool = False, **runtime_kwargs):
+           return_seeds: bool = False, decode: bool = False, **runtime_kwargs):
     """Draw ``shape[0]`` samples. Returns (N, C, ...) float32 on ``device``, or ``(samples, seeds)`` with
     ``return_seeds=True``.
 
@@ -382,7 +383,7 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
             torch-only arguments batch_size, compile, cuda_graph, model_kwargs, channels_last, memory_budget,
             distributed, backend, callback must keep their defaults there).
         schedule, prediction, learned_sigma: used when a bare model is given.
-        spacing: the sigma spacing (``schedule.sigmas(steps, spacing)``), or explicit ``sigmas`` and
+        spacing: the sigma spacing (``denoiser.sigmas(steps, spacing, shape)``), or explicit ``sigmas`` and
             ``timesteps``. None is the sampler's upstream default:
 
             ======================  =====================================================================
@@ -393,8 +394,9 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
             every other sampler     ``"karras"`` (Karras et al. 2022, rho = 7, as k-diffusion)
             ======================  =====================================================================
 
-            A schedule with a ``default_spacing`` attribute sets its own; a continuous schedule (no
-            ``num_train_timesteps``) takes ``"uniform"`` where the table says an integer spacing.
+            A flow schedule lays out its own default (diffusers' FlowMatchEuler layout, with the dynamic
+            shift set by the token count of ``shape``); a continuous schedule (no ``num_train_timesteps``)
+            takes ``"uniform"`` where the table says an integer spacing.
         sampler_options: keyword options of the sampler builder (e.g. ``{"eta": 0.5}`` for DDIM).
         model_kwargs: extra keyword arguments of the model (tensors with a batch dim are chunked with x).
         channels_last: None: on for convolutional models on CUDA, and on CPU in bf16 for models of at
@@ -407,8 +409,14 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
         threads: CPU intra-op threads for the call (int >= 1; None: :func:`fastdiff.policy.cpu_threads`,
             the CLI's policy); torch's own setting is restored after the call. Used on the CPU only.
         return_seeds: also return the seeds (a list of ints), so that a ``seeds=None`` run can be repeated.
+        decode: return images: a latent model's samples go through its VAE (:meth:`Denoiser.decode`, a
+            Denoiser from ``fastdiff.load(..., vae=...)``); a pixel model's come back unchanged.
     """
     # ---- every argument, before any work ----
+    check_choice("decode", decode, (True, False))
+    if decode and not (isinstance(denoiser_or_model, Denoiser) and denoiser_or_model.can_decode()):
+        raise ValueError("decode=True needs a Denoiser that is a pixel model or has a VAE: "
+                         "fastdiff.load(..., vae=AutoencoderKL or its folder)")
     if not isinstance(runtime, str) or runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     check_extra_kwargs(runtime, runtime_kwargs, _sample_keywords(),
@@ -448,9 +456,11 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
         if bad:
             raise ValueError(f"runtime='onnxruntime' does not take {', '.join(f'{k}={given[k]!r}' for k in bad)} "
                              "(runtime='torch' arguments): leave them at their defaults")
-        return _sample_onnxruntime(denoiser_or_model, shape, sampler, steps, guidance, y, seeds, dev, dtype,
-                                   progress, schedule, prediction, learned_sigma, y_null, spacing, sigmas,
-                                   timesteps, sampler_options, threads, return_seeds, runtime_kwargs)
+        out, seed_list = _sample_onnxruntime(denoiser_or_model, shape, sampler, steps, guidance, y, seeds, dev,
+                                             dtype, progress, schedule, prediction, learned_sigma, y_null, spacing,
+                                             sigmas, timesteps, sampler_options, threads, runtime_kwargs)
+        out = denoiser_or_model.decode(out) if decode else out
+        return (out, seed_list) if return_seeds else out
 
     denoiser = _as_denoiser(denoiser_or_model, schedule, prediction, learned_sigma)
     labels, y_null = check_conditioning(denoiser, y, n, y_null, guidance, model_kwargs)
@@ -473,8 +483,8 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
             raise ValueError("cuda_graph=True cannot take tensor model_kwargs: pass cuda_graph=False")
         use_graph = False
     if sigmas is None:
-        sigmas, timesteps = _sampling_sigmas(denoiser.schedule, sampler, steps, spacing)
-    table = build_table(sampler, sigmas, timesteps=timesteps, **options)
+        sigmas, timesteps = _sampling_sigmas(denoiser, sampler, steps, spacing, shape)
+    table = build_table(sampler, sigmas, schedule=denoiser.schedule, timesteps=timesteps, **options)
     ranks = dist_info(distributed)
     seed_list = resolve_seeds(seeds, n)
 
@@ -483,6 +493,7 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
             denoiser, table, shape, dev, dtype, channels_last, compile, use_graph, guidance, labels, y_null,
             seed_list, seeds is None, batch_size, memory_budget, ranks, model_kwargs, backend, progress,
             callback)
+    out = denoiser.decode(out) if decode else out
     return (out, seed_list) if return_seeds else out
 
 
@@ -493,7 +504,7 @@ def _graph_capable(device: torch.device) -> bool:
 
 def _sample_onnxruntime(denoiser_or_model, shape, sampler, steps, guidance, y, seeds, dev, dtype, progress,
                         schedule, prediction, learned_sigma, y_null, spacing, sigmas, timesteps, sampler_options,
-                        threads, return_seeds, runtime_kwargs):
+                        threads, runtime_kwargs):
     try:
         from fastdiff.export.ort import sample_onnxruntime
     except ImportError as e:  # the export package or onnxruntime missing
@@ -516,7 +527,7 @@ def _sample_onnxruntime(denoiser_or_model, shape, sampler, steps, guidance, y, s
                                  y=labels, seeds=seed_list, device=dev, dtype=dtype, progress=progress,
                                  schedule=schedule, sigmas=sigmas, timesteps=timesteps, spacing=spacing,
                                  sampler_options=sampler_options, y_null=y_null, **runtime_kwargs)
-    return (out, seed_list) if return_seeds else out
+    return out, seed_list
 
 
 def _sample_torch(denoiser: Denoiser, table, shape, dev, dtype, channels_last, compile_mode, use_graph, guidance,
@@ -526,10 +537,9 @@ def _sample_torch(denoiser: Denoiser, table, shape, dev, dtype, channels_last, c
     prep = model_cache.prepare(denoiser.model, dev, dtype, channels_last, eval=True,
                                private=bool(compile_mode) or use_graph)
     run = _run_denoiser(denoiser, prep, dtype, channels_last, compile_mode)
-    dtab, digest = _device_table(table, run, dev)
-    sigma0 = float(table.sigma[0])
-    start_scale = math.sqrt(1.0 + sigma0 * sigma0) if getattr(denoiser.schedule, "variance_preserving",
-                                                                 True) else sigma0
+    frame = "flow" if getattr(denoiser.schedule, "frame", None) == "flow" else "sigma"  # flow starts at inf
+    dtab, digest = _device_table(table, run, dev, frame)
+    start_scale = denoiser.schedule.initial_scale(float(table.sigma[0]), frame)
     guided = guidance != 1.0
     labels = labels.to(dev) if labels is not None else None
     settings = (tuple(sample_shape), dtype, bool(channels_last), _compile_key(compile_mode) if compile_mode
@@ -564,7 +574,7 @@ def _sample_torch(denoiser: Denoiser, table, shape, dev, dtype, channels_last, c
                 x = _run_graph(prep.caches, graph_key, run, dtab, x, yc, noise, y_null, guidance, mk, backend, bar)
             else:
                 x = sample_loop(run, x, dtab, y=yc, y_null=y_null, guidance_scale=guidance, model_kwargs=mk,
-                                noise_fn=lambda k, r, stager=noise: stager.draw(), backend=backend,
+                                noise_fn=lambda k, r, stager=noise: stager.draw(), backend=backend, frame=frame,
                                 callback=_progress_callback(bar, callback))
             local[j * batch_size: j * batch_size + (c1 - c0)].copy_(x)
     if bar is not None:

@@ -286,7 +286,8 @@ class FeatureExtractor:
         model: a zoo model (ADMUNet, ADMClassifier, DDPMUNet, DiT, UViT), any ``nn.Module`` called as
             ``model(x, t)`` / ``model(x, t, y=y)``, or a :class:`fastdiff.Denoiser` (its model, its
             schedule when ``schedule`` is None, its ``y_null`` as the null label: the bundled digits model).
-        schedule: a :class:`fastdiff.schedules.VPSchedule` (``add_noise``, ``num_train_timesteps``).
+        schedule: a :class:`fastdiff.schedules.VPSchedule` (``add_noise``, ``num_train_timesteps``); None
+            with a Denoiser (``FeatureExtractor(fastdiff.load("digits"), layers=..., timesteps=...)``).
         layers: module names (see :func:`layer_names`); the forward stops after the deepest.
         timesteps: integer timesteps in ``[0, num_train_timesteps - 1]``, no repeats.
         ensemble: noise draws per (image, timestep); features are their mean (DIFT).
@@ -308,7 +309,7 @@ class FeatureExtractor:
         dtype: dtype of the returned features (default float32; None keeps the model's).
     """
 
-    def __init__(self, model: nn.Module, schedule, layers: Sequence[str] = None,
+    def __init__(self, model: nn.Module, schedule=None, layers: Sequence[str] = None,
                  timesteps: Sequence[int] = None,
                  ensemble: int = 1, seed: int = 0, pool: Optional[str] = None,
                  upsample_to: Union[None, str, int, tuple] = None, concat: bool = False,
@@ -322,6 +323,8 @@ class FeatureExtractor:
             model = model.model
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module or a fastdiff Denoiser, got {type(model).__name__}")
+        if schedule is None:
+            raise ValueError("schedule: pass the model's schedule, or a fastdiff Denoiser (fastdiff.load) alone")
         if not hasattr(schedule, "add_noise") or not hasattr(schedule, "num_train_timesteps"):
             raise ValueError("schedule must be a discrete VP schedule (fastdiff.schedules.VPSchedule)")
         self.model, self.schedule = model, schedule
@@ -397,6 +400,8 @@ class FeatureExtractor:
         m = self.model
         if self._y_null is not None:
             return int(self._y_null)
+        if getattr(m, "y_null", None) is not None:  # set by fastdiff.models.preset and fastdiff.load
+            return int(m.y_null)
         if getattr(m, "null_label", None) is not None:
             return int(m.null_label)
         if isinstance(m, DiT):
@@ -405,6 +410,8 @@ class FeatureExtractor:
                 return m.num_classes
             raise ValueError("y: this DiT has no null label (class_dropout_prob=0); pass class labels")
         if isinstance(m, UViT):
+            if m.num_classes > 0 and "y_null" in vars(m):  # the preset says none (U-ViT's ImageNet 64 model)
+                raise ValueError("y: this UViT is class-conditional and has no null label; pass class labels")
             return m.num_classes - 1 if m.num_classes > 0 else None
         if isinstance(m, ADMUNet) and m.num_classes is not None:
             raise ValueError("y: this ADMUNet is class-conditional and has no null label; pass class labels")
@@ -921,8 +928,10 @@ def correspondence(source: Tensor, target: Tensor, points: Optional[Tensor] = No
 def add_features_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``fastdiff features`` (for fastdiff/cli.py's subparser)."""
     parser.add_argument("--model", required=True,
-                        help="a preset name (fastdiff.models.PRESETS) or 'digits' (the bundled model)")
-    parser.add_argument("--checkpoint", default=None, help="weights (.safetensors / .pt) for the model")
+                        help="'digits' (bundled), a preset name with --checkpoint, a checkpoint file, a "
+                             "diffusers UNet2DModel folder or an .onnx model graph (what fastdiff.load takes)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="weights (.safetensors / .pt) for a preset (default: none)")
     parser.add_argument("--input", required=True,
                         help="a folder of images (png/jpg, scaled to [-1, 1]) or 'digits' (the held-out "
                              "quarter of scikit-learn's digits)")
@@ -932,21 +941,29 @@ def add_features_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                         help="replace the feature run already in --out (its files are removed first)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out (identical settings), keeping its finished shards")
-    parser.add_argument("--recipe", choices=sorted(RECIPES), default=None)
-    parser.add_argument("--layers", default=None, help="comma-separated layer names")
-    parser.add_argument("--timesteps", default=None, help="comma-separated integer timesteps")
-    parser.add_argument("--ensemble", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pool", choices=["avg"], default=None)
-    parser.add_argument("--upsample", default=None, help="'input', N or HxW")
-    parser.add_argument("--concat", action="store_true", default=None)
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                        help="published settings (RECIPES); the options below override them (default: none)")
+    parser.add_argument("--layers", default=None, help="comma-separated layer names (default: the recipe's)")
+    parser.add_argument("--timesteps", default=None,
+                        help="comma-separated integer timesteps (default: the recipe's)")
+    parser.add_argument("--ensemble", type=int, default=None,
+                        help="noise draws averaged per (image, timestep) (default: the recipe's, else 1)")
+    parser.add_argument("--seed", type=int, default=0, help="image k uses seed SEED + k")
+    parser.add_argument("--pool", choices=["avg"], default=None,
+                        help="global average pool of each map (default: none, the maps)")
+    parser.add_argument("--upsample", default=None, help="'input', N or HxW (default: no resize)")
+    parser.add_argument("--concat", action="store_true", default=None,
+                        help="one tensor per image, the layers concatenated along channels (default: off)")
     parser.add_argument("--label", type=int, default=None, help="class label for conditional models "
                         "(default: the null label)")
-    parser.add_argument("--batch-size", type=int, default=None, help="rows per forward")
-    parser.add_argument("--images-per-shard", type=int, default=64)
-    parser.add_argument("--beta-schedule", default="linear")
-    parser.add_argument("--num-train-timesteps", type=int, default=1000)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=None, help="rows per forward (default: 64)")
+    parser.add_argument("--images-per-shard", type=int, default=64, help="images per safetensors shard")
+    parser.add_argument("--beta-schedule", default=None,
+                        help="replace the model's schedule (default: the one fastdiff.load gives)")
+    parser.add_argument("--num-train-timesteps", type=int, default=None,
+                        help="with --beta-schedule: its number of steps (default 1000)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the model runs")
     return parser
 
 
@@ -967,20 +984,15 @@ def _read_image_folder(folder: str, size: int, channels: int) -> Tensor:
 
 
 def _model_for_cli(args):
-    """(model or Denoiser, schedule or None) for --model / --checkpoint."""
-    from fastdiff.models import PRESETS, preset
+    """The Denoiser of --model / --checkpoint (fastdiff.load: the CLI knows nothing a model does not say)."""
+    from fastdiff.loading import load
 
-    if args.model == "digits":
-        from fastdiff.models.digits import load_digits_model
+    schedule = None
+    if args.beta_schedule is not None or args.num_train_timesteps is not None:
+        from fastdiff.schedules import VPSchedule
 
-        return load_digits_model(args.checkpoint), None
-    if args.model not in PRESETS:
-        raise ValueError(f"--model: unknown model {args.model!r}; use 'digits' or a preset name")
-    if args.checkpoint:
-        from fastdiff.models import load
-
-        return load(args.model, args.checkpoint), None
-    return preset(args.model), None
+        schedule = VPSchedule(args.beta_schedule or "linear", num_train_timesteps=args.num_train_timesteps or 1000)
+    return load(args.model, checkpoint=args.checkpoint, schedule=schedule)
 
 
 def _image_geometry(model: nn.Module) -> tuple[int, int]:
@@ -1015,21 +1027,19 @@ def features_command(args) -> int:
     (``--overwrite`` / ``--resume``), each rank extracts every WORLD_SIZE-th shard and writes its own index,
     and rank 0 merges them into ``index.json``.
     """
-    from fastdiff.schedules import VPSchedule
-
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out: {args.out!r} exists and is not a folder")
     if not out.resolve().parent.is_dir():
         raise FileNotFoundError(f"--out: the parent folder of {args.out!r} does not exist (create it first)")
-    model, schedule = _model_for_cli(args)
-    net = model if isinstance(model, nn.Module) else model.model
+    model = _model_for_cli(args)
+    net = model.model
+    if not isinstance(net, nn.Module):
+        raise ValueError(f"--model: features need a PyTorch model; {args.model!r} is not one")
     device = args.device
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank, batches split by rank
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     net.to(device).eval()
-    if schedule is None and isinstance(model, nn.Module):
-        schedule = VPSchedule(args.beta_schedule, num_train_timesteps=args.num_train_timesteps)
     size, channels = _image_geometry(net)
     labels = None
     if args.input == "digits":
@@ -1050,7 +1060,7 @@ def features_command(args) -> int:
         up = args.upsample
         kwargs["upsample_to"] = up if up == "input" else (
             tuple(int(v) for v in up.lower().split("x")) if "x" in up.lower() else int(up))
-    fx = FeatureExtractor(model, schedule, seed=args.seed, y=args.label, **kwargs)
+    fx = FeatureExtractor(model, seed=args.seed, y=args.label, **kwargs)
     k = args.images_per_shard
     batches = [(images[i:i + k], labels[i:i + k]) if labels is not None else images[i:i + k]
                for i in range(0, images.shape[0], k)]

@@ -412,7 +412,7 @@ def test_default_spacing_follows_diffusers(sampler, scheduler, steps):
     sched = getattr(diffusers, scheduler)(num_train_timesteps=1000, beta_schedule="linear")
     sched.set_timesteps(steps)
     schedule = VPSchedule("linear", 1000)
-    sigmas, timesteps = engine._sampling_sigmas(schedule, sampler, steps, None)
+    sigmas, timesteps = engine._sampling_sigmas(Denoiser(torch.nn.Identity(), schedule), sampler, steps, None)
     np.testing.assert_array_equal(np.asarray(timesteps, dtype=np.int64), sched.timesteps.numpy())
     np.testing.assert_allclose(sigmas[:-1], schedule.timestep_to_sigma(sched.timesteps.numpy().astype(float)))
     assert sigmas[-1] == 0
@@ -423,7 +423,7 @@ def test_default_spacing_is_karras_rho_7_elsewhere(sampler):
     from fastdiff.schedules import karras_sigmas
 
     schedule = VPSchedule("linear", 1000)
-    sigmas, _ = engine._sampling_sigmas(schedule, sampler, 12, None)
+    sigmas, _ = engine._sampling_sigmas(Denoiser(torch.nn.Identity(), schedule), sampler, 12, None)
     np.testing.assert_allclose(sigmas, karras_sigmas(12, schedule.sigma_min, schedule.sigma_max, rho=7.0))
 
 

@@ -314,9 +314,11 @@ class _StepGraph(nn.Module):
     """
 
     def __init__(self, model: nn.Module, label_key: Optional[str], num_slots: int, *, guided: bool,
-                 y_null: Optional[int], learned_sigma: bool, learned_range: bool, clip_x0: Optional[float]):
+                 y_null: Optional[int], learned_sigma: bool, learned_range: bool, clip_x0: Optional[float],
+                 timestep_offset: int = 0):
         super().__init__()
         self.model = _ModelGraph(model, label_key)
+        self.timestep_offset = timestep_offset  # the network's timestep minus the table's (U-ViT latent: 1)
         self.num_slots, self.guided, self.y_null = num_slots, guided, y_null
         self.learned_sigma, self.learned_range, self.clip_x0 = learned_sigma, learned_range, clip_x0
 
@@ -324,7 +326,7 @@ class _StepGraph(nn.Module):
                 y: Optional[Tensor] = None, guidance_scale: Optional[Tensor] = None):
         n, ch = x.shape[0], x.shape[1]
         x_in = x * c_in.to(x.dtype)
-        t = timestep.to(torch.float32).reshape(1).expand(n)
+        t = timestep.to(torch.float32).reshape(1).expand(n) + self.timestep_offset
         if self.guided:
             y2 = None
             if y is not None:
@@ -489,6 +491,11 @@ def _model_metadata(model: nn.Module, denoiser, x: Tensor, label_key, batch, dyn
     }
     if denoiser is not None:
         meta.update(prediction=denoiser.prediction, learned_sigma=denoiser.learned_sigma)
+        # what fastdiff.load needs to rebuild the Denoiser from the graph alone
+        meta.update(schedule=_schedule_metadata(denoiser.schedule), classes=getattr(denoiser, "num_classes", None),
+                    default_guidance_scale=getattr(denoiser, "default_guidance_scale", 1.0),
+                    latent_scale=getattr(denoiser, "latent_scale", None),
+                    timestep_offset=int(getattr(denoiser.model_fn, "timestep_offset", 0)))
     return meta
 
 
@@ -599,7 +606,8 @@ def step_to_onnx(denoiser, sampler, path, *, guidance: Optional[bool] = None, y_
     s = table.num_slots
     module = _StepGraph(model, label_key, s, guided=bool(guidance), y_null=y_null,
                         learned_sigma=denoiser.learned_sigma, learned_range=bool(table.learned_range),
-                        clip_x0=denoiser.clip_x0)
+                        clip_x0=denoiser.clip_x0,
+                        timestep_offset=int(getattr(denoiser.model_fn, "timestep_offset", 0)))
     args = [x.float() if x.dtype == torch.float64 else x, torch.tensor(500.0), torch.tensor(0.5),
             torch.full((COL_SLOTS + s,), 0.5), torch.zeros((s, *x.shape)), torch.zeros_like(x)]
     names = ["x", "timestep", "c_in", "coef", "history", "noise"]
@@ -640,9 +648,16 @@ def _jsonable(options: dict) -> dict:
 
 
 def _schedule_metadata(schedule) -> Optional[dict]:
-    """Enough to rebuild a VPSchedule from the graph alone (its alphas_cumprod), else None."""
-    from fastdiff.schedules import VPSchedule
+    """Enough to rebuild the schedule from the graph alone (a VPSchedule's alphas_cumprod, an SDE's
+    parameters), else None."""
+    from fastdiff.schedules import VESDESchedule, VPSchedule, VPSDESchedule
 
     if isinstance(schedule, VPSchedule):
         return {"type": "VPSchedule", "alphas_cumprod": [float(a) for a in schedule.alphas_cumprod]}
+    if isinstance(schedule, VPSDESchedule):
+        return {"type": "VPSDESchedule", "beta_min": schedule.beta_min, "beta_max": schedule.beta_max,
+                "eps": schedule.eps, "time_scale": schedule.time_scale}
+    if isinstance(schedule, VESDESchedule):
+        return {"type": "VESDESchedule", "sigma_min": schedule.sigma_min, "sigma_max": schedule.sigma_max,
+                "timestep": schedule.timestep}
     return None

@@ -160,7 +160,8 @@ class OrtDenoiser:
         path: a graph written by :func:`fastdiff.export.to_onnx`.
         providers: ONNX Runtime execution providers (default: CUDA where onnxruntime-gpu sees a GPU,
             else CPU).
-    Attributes: ``metadata`` (the export's fastdiff metadata), ``num_classes``, ``in_channels``,
+    Attributes: ``metadata`` (the export's fastdiff metadata), ``num_classes``, ``y_null`` (the null label
+    stored in the graph, used for classifier-free guidance), ``in_channels``,
     ``input_shape``, ``batch`` (None when the batch is dynamic), ``dtype`` (the graph's input dtype). Inputs
     may live on any device and have any float dtype; the output comes back on x's device in x's dtype.
     It is not an ``nn.Module``: engines skip ``.to()``, channels_last and torch.compile for it, and a CUDA
@@ -180,6 +181,8 @@ class OrtDenoiser:
         names = [i.name for i in self.session.get_inputs()]
         self.conditional = "y" in names
         self.num_classes = self.metadata.get("num_classes")
+        # the null label stored at export: fastdiff.sample and Denoiser read it off the model for guidance
+        self.y_null = self.metadata.get("y_null") if self.conditional else None
         self.input_shape = tuple(self.metadata.get("input_shape") or self.session.get_inputs()[0].shape[1:])
         self.in_channels = self.input_shape[0]
         self.batch = self.metadata.get("batch")
@@ -279,11 +282,16 @@ def initial_state(schedule, sigma_max: float, noise: Tensor, frame: str = "sigma
 
 
 def _schedule_from_metadata(meta: dict):
-    from fastdiff.schedules import VPSchedule
+    """The schedule stored by ``fastdiff.export.onnx._schedule_metadata``, or None."""
+    from fastdiff import schedules
 
     sched = meta.get("schedule")
-    if sched and sched.get("type") == "VPSchedule":
-        return VPSchedule(alphas_cumprod=np.asarray(sched["alphas_cumprod"], dtype=np.float64))
+    if not sched:
+        return None
+    if sched.get("type") == "VPSchedule":
+        return schedules.VPSchedule(alphas_cumprod=np.asarray(sched["alphas_cumprod"], dtype=np.float64))
+    if sched.get("type") in ("VPSDESchedule", "VESDESchedule"):
+        return getattr(schedules, sched["type"])(**{k: v for k, v in sched.items() if k != "type"})
     return None
 
 

@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 import fastdiff.ops  # noqa: F401  (registers torch.ops.fastdiff.*)
 
 
-@register_flop_formula(torch.ops.fastdiff.attention)
 def _attention_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
     b, h, sq, d = q_shape
     skv, dv = k_shape[2], v_shape[3]
     return 2 * b * h * sq * skv * (d + dv)  # q k^T and p v, 2 FLOPs per multiply-add
+
+
+_flop_formulas_registered = False
+
+
+def _register_flop_formulas() -> None:
+    """Teach FlopCounterMode fastdiff's attention op, on the first count: torch.utils.flop_counter
+    imports Triton (0.15 s), so ``import fastdiff`` does not import it."""
+    global _flop_formulas_registered
+    if not _flop_formulas_registered:
+        from torch.utils.flop_counter import register_flop_formula
+
+        register_flop_formula(torch.ops.fastdiff.attention)(_attention_flops)
+        _flop_formulas_registered = True
 
 
 class ZooModule(nn.Module):
@@ -27,6 +39,9 @@ class ZooModule(nn.Module):
     def flops(self, batch: int = 1) -> int:
         """Matmul, convolution and attention FLOPs of one forward at this batch size (counted by
         running it once on example inputs under torch's FlopCounterMode)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        _register_flop_formulas()
         inputs = self.example_inputs(batch)
         counter = FlopCounterMode(display=False)
         with counter:

@@ -4,7 +4,8 @@ settings are stored in ``weights/digits.json``).
 
 ``load_digits_model()`` returns a :class:`fastdiff.Denoiser` (eps prediction, linear VP schedule of 1000
 steps) with the attributes ``y_null`` (10, the label embedding row trained as "no class" for
-classifier-free guidance), ``num_classes`` (10) and ``metadata`` (the JSON).
+classifier-free guidance; the model carries it too), ``num_classes`` (10), ``default_guidance_scale``
+(2), ``sample_shape`` ((1, 16, 16)) and ``metadata`` (the JSON). ``fastdiff.load("digits")`` is the same.
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ def load_digits_model(path: Optional[str] = None, device="cpu", dtype: torch.dty
     model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     den = Denoiser(model, VPSchedule(**sched), prediction=meta.get("prediction", "eps"),
                    learned_sigma=bool(meta.get("learned_sigma", False)))
-    den.y_null = null_label
+    den.y_null = model.y_null = null_label
     den.num_classes = num_classes
+    den.default_guidance_scale = float(meta.get("default_guidance", 1.0))
+    den.sample_shape = (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
     den.metadata = meta
     return den

@@ -69,3 +69,42 @@ __all__ = [
     "qk_norm_rope_native",
     "qk_norm_rope_backward_reference",
 ]
+
+
+def _defer_dynamo_import() -> None:
+    """Keep the first call of a fastdiff op from importing torch._dynamo (about 1.5 s of CPU).
+
+    torch wraps every custom op's implementation in ``torch._disable_dynamo``, which imports torch._dynamo
+    on the wrapper's first call to build the dynamo-disabled function it then caches on the implementation
+    (attribute ``__dynamo_disable``; torch/_compile.py). Until torch._dynamo is imported nothing can be
+    compiling, so disabling dynamo is a no-op: this pre-fills that cache with a function that calls the
+    implementation directly while torch._dynamo is absent, and once it is present clears itself so torch
+    builds the real one on that very call. Where torch's internals differ the attribute is never read and
+    the ops behave exactly as before (tests/test_import.py checks the effect).
+    """
+    import sys
+
+    try:  # private torch API: where it is absent or shaped otherwise, the ops import dynamo as they would
+        from torch._library import custom_ops
+
+        opdefs = list(custom_ops.OPDEFS.items())
+    except Exception:
+        return
+    for name, opdef in opdefs:
+        if not name.startswith("fastdiff::"):
+            continue
+        for wrapper in list(getattr(opdef, "_backend_fns", {}).values()):
+            impl = getattr(wrapper, "__wrapped__", None)
+            if impl is None or "__dynamo_disable" in vars(impl):
+                continue
+
+            def direct(*args, _impl=impl, _wrapper=wrapper, **kwargs):
+                if "torch._dynamo" in sys.modules:
+                    vars(_impl).pop("__dynamo_disable", None)
+                    return _wrapper(*args, **kwargs)
+                return _impl(*args, **kwargs)
+
+            setattr(impl, "__dynamo_disable", direct)
+
+
+_defer_dynamo_import()

@@ -106,7 +106,15 @@ def xformers_usable(device: torch.device, dtype: torch.dtype) -> bool:
     return _xformers_usable_cache[key]
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without its import of torch._dynamo (about 1 s of
+    ``import fastdiff``): that decorator only sets this attribute, which dynamo reads when it traces a
+    call (torch 2.0 to 2.13; tests/test_import.py checks it against torch's own decorator)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _cuda_major(index: Optional[int]) -> int:
     return torch.cuda.get_device_capability(index)[0]
 

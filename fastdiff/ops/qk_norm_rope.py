@@ -52,19 +52,30 @@ def qk_norm_rope_reference(q: Tensor, k: Tensor, q_weight: Optional[Tensor] = No
 def _native_one(x: Tensor, weight: Optional[Tensor], cos: Optional[Tensor], sin: Optional[Tensor], eps: float,
                 out: Tensor) -> Tensor:
     cd = _compute_dtype(x.dtype)
-    # one dense compute-dtype copy first: elementwise ops on the strided (B, S, H, D) view are several
-    # times slower; y is then a new tensor that can be scaled in place
-    xf = x.to(cd, memory_format=torch.contiguous_format)
+    # Work in x's memory order (Flux's (B, S, H, D) storage of a (B, H, S, D) view): the outer dims
+    # permuted by stride make a dense input contiguous, so every pass below streams through memory
+    # (elementwise ops that transpose on the fly are several times slower on the CPU).
+    perm = sorted(range(3), key=lambda i: -x.stride(i)) + [3]
+    xp = x.permute(perm)
+    xf = xp.to(cd, memory_format=torch.contiguous_format)
     rstd = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
-    y = xf * rstd
+    # the last op writes straight into the output (rounding once); a copy made above is scaled in place
+    out_p = out.permute(perm)
+    if cos is None and weight is None:
+        torch.mul(xf, rstd, out=out_p)
+        return out
+    y = xf.mul_(rstd) if xf.data_ptr() != xp.data_ptr() else xf * rstd
     wf = None if weight is None else weight.to(cd)
-    if cos is not None:  # the weight folded into the (S, D) factors: y w c + rot(y w) s = y (w c) + rot(y) (w' s)
-        a = cos.to(cd) if wf is None else cos.to(cd) * wf
-        b = sin.to(cd) if wf is None else sin.to(cd) * wf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-        y = torch.addcmul(y * a, _rotate_pairs(y), b)
-    elif wf is not None:
-        y.mul_(wf)
-    return out.copy_(y)
+    if cos is None:
+        torch.mul(y, wf, out=out_p)
+        return out
+    # the weight folded into the (S, D) factors: y w c + rot(y w) s = y (w c) + rot(y) (w' s), w' pair-swapped
+    a = cos.to(cd) if wf is None else cos.to(cd) * wf
+    b = sin.to(cd) if wf is None else sin.to(cd) * wf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    positions = [1, 1, 1, x.shape[-1]]
+    positions[perm.index(2)] = x.shape[2]
+    torch.addcmul(y * a.view(positions), _rotate_pairs(y), b.view(positions), out=out_p)
+    return out
 
 
 def qk_norm_rope_native(q: Tensor, k: Tensor, q_weight: Optional[Tensor] = None, k_weight: Optional[Tensor] = None,
