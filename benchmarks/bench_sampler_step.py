@@ -46,13 +46,16 @@ from common import (  # noqa: E402
 from fastdiff import ops  # noqa: E402
 from fastdiff import samplers as S  # noqa: E402
 from fastdiff.denoiser import Denoiser  # noqa: E402
-from fastdiff.schedules import VPSchedule  # noqa: E402
+from fastdiff.schedules import FlowSchedule, VPSchedule  # noqa: E402
 
-# name -> (sampler, guided, noise); the row is taken from the middle of a 20-step table
+# name -> (sampler, guided, noise[, schedule]); the row is taken from the middle of a 20-step table; "flow": a
+# flow-matching schedule (SD3's shift 3) with a velocity model, the state in the flow frame
 CASES = {
     "euler": ("euler", False, False),
     "dpmpp_2m_cfg": ("dpmpp_2m", True, False),
     "dpmpp_3m_sde_cfg": ("dpmpp_3m_sde", True, True),
+    "flow_euler": ("euler", False, False, "flow"),
+    "flow_dpmpp_2m_cfg": ("dpmpp_2m", True, False, "flow"),
 }
 GPU_SHAPES = {"latent_1x4x64x64": (1, 4, 64, 64), "latent_64x4x64x64": (64, 4, 64, 64),
               "latent_8x4x128x128": (8, 4, 128, 128), "pixel_16x3x256x256": (16, 3, 256, 256)}
@@ -60,12 +63,17 @@ CPU_SHAPES = {"latent_1x4x8x8": (1, 4, 8, 8), "latent_4x4x32x32": (4, 4, 32, 32)
 
 
 def make_case(case: str, shape, dtype, device):
-    sampler, guided, noisy = CASES[case]
-    sch = VPSchedule("scaled_linear", beta_start=0.00085, beta_end=0.012)
-    sigmas, ts = sch.sigmas(20, "karras")
-    table = S.build_table(sampler, sigmas, timesteps=ts)
-    den = Denoiser(lambda x, t, y=None: x, sch)
-    dev = S.to_device(table, den, device, dtype)
+    sampler, guided, noisy, *kind = CASES[case]
+    if kind == ["flow"]:
+        sch = FlowSchedule(shift=3.0)
+        sigmas, ts = sch.sigmas(20)
+        den, frame = Denoiser(lambda x, t, y=None: x, sch, prediction="flow"), "flow"
+    else:
+        sch = VPSchedule("scaled_linear", beta_start=0.00085, beta_end=0.012)
+        sigmas, ts = sch.sigmas(20, "karras")
+        den, frame = Denoiser(lambda x, t, y=None: x, sch), "sigma"
+    table = S.build_table(sampler, sigmas, schedule=sch, timesteps=ts)
+    dev = S.to_device(table, den, device, dtype, frame=frame)
     r = table.num_rows // 2
     n = shape[0]
     g = torch.Generator(device=device).manual_seed(0)
@@ -128,8 +136,11 @@ def diffusers_fn(inp, dtype, device):
         return None
     warnings.filterwarnings("ignore")
     kw = {"algorithm_type": "sde-dpmsolver++"} if sampler == "dpmpp_3m_sde" else {}
-    sched = diffusers.DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
-                                                  beta_end=0.012, use_karras_sigmas=True, **kw)
+    if CASES[inp["case"]][3:] == ("flow",):
+        kw = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 3.0}
+    else:
+        kw.update(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, use_karras_sigmas=True)
+    sched = diffusers.DPMSolverMultistepScheduler(**kw)
     sched.set_timesteps(20, device=device)
     x, cond, unc = inp["x"], inp["cond"], inp["uncond"]
     for t in sched.timesteps[:3]:  # fill the multistep history

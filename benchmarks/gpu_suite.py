@@ -30,7 +30,7 @@ from common import RESULTS_ENV, STEP_ENV, write_json_atomic  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 KERNEL_TESTS = ["tests/test_lowprecision.py", "tests/test_cuda.py", "tests/test_modulated_norm.py",
-                "tests/test_sampler_step.py", "tests/test_attention.py"]
+                "tests/test_sampler_step.py", "tests/test_attention.py", "tests/test_qk_norm_rope.py"]
 OUT_FILES = ("preflight.json", "results.jsonl", "summary.json", "suite.log", "pytest.xml")
 E2E = ["benchmarks/bench_e2e.py", "--batches", "8", "64", "--steps", "20", "--repeats", "3"]
 E2E_DRY = ["--batches", "2", "--steps", "1", "--repeats", "1", "--tiny"]  # appended in the dry run (last wins)
@@ -72,6 +72,10 @@ STEPS = [
     Step("e2e_dit", 300, [PY, "benchmarks/bench_e2e.py", "--models", "dit", "--steps", "20", "--repeats", "3",
                           "--rows", "fastdiff", "diffusers", "{full}"], needs=("diffusers",),
          dry=["--steps", "2", "--repeats", "1", "--dit-small", "--compile-backend", "eager"]),
+    Step("bench_qk_norm_rope", 150, [PY, "benchmarks/bench_qk_norm_rope.py", "--no-compile"], dry=["--quick"]),
+    Step("bench_diffusers", 480, [PY, "benchmarks/bench_diffusers.py", "--cases", "sd15-512", "sdxl-1024",
+                                  "--repeats", "3", "{full}"], needs=("diffusers",),
+         dry=["--tiny", "--cases", "ddpm-cifar10", "--repeats", "1", "--no-profile", "--no-compile"]),
     # its diffusers row (ddpm-cifar10) runs where diffusers imports; the dry run samples the digits model
     Step("bench_onnx", 240, [PY, "benchmarks/bench_onnx.py", "--models", "ddpm-cifar10", "--steps", "20"],
          needs=("onnxruntime",), dry=["--models", "digits", "--steps", "2", "--repeats", "1", "--batch", "2"]),

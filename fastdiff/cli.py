@@ -1,99 +1,136 @@
-"""The ``fastdiff`` command line: ``sample``, ``info``, ``export``.
+"""The ``fastdiff`` command line: ``sample``, ``export``, ``features``, ``info``.
 
     fastdiff sample --out samples.png                      # the bundled digits model, on the CPU
     fastdiff sample --model digits --class 3 7 --n 20 --steps 20 --guidance 3 --out g.png --save s.npz
-    fastdiff sample --model dit-xl-2-256 --checkpoint DiT-XL-2-256x256.pt --class 207 --out latents.png
+    fastdiff sample --model dit-xl-2-256 --checkpoint DiT-XL-2-256x256.pt --vae sd-vae-ft-ema/ --class 207
+    fastdiff sample --model ddpm-cifar10-32/ --out cifar.png     # a diffusers UNet2DModel folder
     torchrun --nproc_per_node=2 -m fastdiff sample --num-samples 64 --batch 16 --out samples.png
     fastdiff info
     fastdiff export --model digits --out digits.onnx [--step dpmpp_2m]
 
-Sample i uses seed ``--seed + i``; without ``--class`` the labels of a class-conditional model cycle
-through the classes (i mod K); with ``--class`` they cycle through the given classes. ``--save`` writes
-``samples`` (float32, N x C x H x W, in [-1, 1]), ``labels`` (int64, class-conditional models) and
-``seeds`` (int64). Latent models (DiT, latent U-ViT) write latents, decoded when ``--vae`` names a
-diffusers AutoencoderKL directory.
+``--model`` is whatever :func:`fastdiff.load` takes, so the command line knows nothing about a model that
+the Python API does not. Sample i uses seed ``--seed + i``; without ``--class`` the labels of a
+class-conditional model cycle through the classes (i mod K); with ``--class`` they cycle through the given
+classes. ``--save`` writes ``samples`` (float32, N x C x H x W: images in [-1, 1], or latents for a latent
+model without ``--vae``), ``labels`` (int64, class-conditional models) and ``seeds`` (int64).
+
+Every error is one line on stderr, ``fastdiff: error: ...``, with exit status 2; ``--debug`` (anywhere on
+the line) or ``FASTDIFF_DEBUG=1`` prints the traceback as well. Output files are written to a temporary
+file in the target folder and renamed into place, so a failed run leaves the previous file intact.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
 import time
-from typing import Optional
+import traceback
+import warnings
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-__all__ = ["main", "build_parser", "load_model", "save_grid"]
+from fastdiff.io import atomic_write
 
-LATENT_SCALE = 0.18215  # Stable Diffusion's VAE latent scale (DiT, U-ViT latent models)
+__all__ = ["main", "build_parser", "save_grid", "labels_for", "write_atomically"]
+
+MAX_SEED = 2**63  # seeds must lie in [0, 2^63): torch.Generator.manual_seed's range
+
+
+class UsageError(ValueError):
+    """A command-line mistake (argparse's complaints among them): reported in one line, exit status 2."""
 
 
 # ---------------------------------------------------------------------------------------------
-# Models
+# Argument types: each rejects a bad value before any work, naming what is allowed
 # ---------------------------------------------------------------------------------------------
 
 
-def _load_state_dict(path: str) -> dict:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+def _int_at_least(low: int, high: Optional[int] = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value >= high):
+            span = f">= {low}" if high is None else f"in [{low}, {'2^63' if high == MAX_SEED else high})"
+            raise argparse.ArgumentTypeError(f"{value} must be {span}")
+        return value
 
-        return load_file(path)
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("ema", "model", "state_dict"):  # common checkpoint wrappers
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
-            break
-    return sd
+    parse.__name__ = "int"
+    return parse
 
 
-def load_model(name: str = "digits", checkpoint: Optional[str] = None):
-    """``(denoiser, info)`` for ``--model`` / ``--checkpoint``; info has ``sample_shape``, ``num_classes``
-    (0: unconditional), ``latent`` and ``default_guidance``."""
-    from fastdiff.denoiser import Denoiser
-    from fastdiff.models import PRESETS, preset
-    from fastdiff.schedules import VPSchedule
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not finite")
+    return value
 
-    if name == "digits":
-        from fastdiff.models.digits import load_digits_model
 
-        den = load_digits_model(checkpoint)
-        cfg = den.metadata["config"]
-        return den, {"sample_shape": (cfg["in_channels"], cfg["image_size"], cfg["image_size"]),
-                     "num_classes": den.num_classes, "latent": False,
-                     "default_guidance": float(den.metadata.get("default_guidance", 1.0))}
-    if name not in PRESETS:
-        raise SystemExit(f"fastdiff: unknown model {name!r}; use 'digits' or one of: "
-                         f"{', '.join(sorted(PRESETS))}")
-    model = preset(name)
-    if checkpoint:
-        model.load_state_dict(_load_state_dict(checkpoint), strict=True)
-    else:
-        print(f"fastdiff: no --checkpoint for {name}: random weights (samples will be noise)",
-              file=sys.stderr)
-    x = model.example_inputs(1)["x"]
-    sample_shape = tuple(x.shape[1:])
-    out_ch = getattr(model, "out_channels", None)
-    in_ch = sample_shape[0]
-    learned_sigma = bool(getattr(model, "learn_sigma", False)) or (out_ch is not None and out_ch == 2 * in_ch)
-    ncls = getattr(model, "num_classes", None)
-    cls_name = type(model).__name__
-    y_null, num_classes = None, 0
-    if isinstance(ncls, int) and ncls > 0:
-        num_classes = ncls
-        if cls_name == "DiT" and getattr(model, "class_dropout_prob", 0.1) > 0:
-            y_null = ncls
-        elif cls_name == "UViT":  # U-ViT's label table ends with the null label
-            y_null, num_classes = ncls - 1, ncls - 1
-    latent = cls_name == "DiT" or (cls_name == "UViT" and in_ch == 4)
-    schedule = VPSchedule("scaled_linear", 1000, 0.00085, 0.012) if cls_name == "UViT" and latent \
-        else VPSchedule("linear", 1000)
-    den = Denoiser(model, schedule, prediction="eps", learned_sigma=learned_sigma)
-    den.y_null = y_null
-    return den, {"sample_shape": sample_shape, "num_classes": num_classes, "latent": latent,
-                 "default_guidance": 4.0 if y_null is not None else 1.0}
+def _on_off(text: str) -> bool:
+    word = text.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not one of 1/0, true/false, yes/no, on/off")
+
+
+def _device(text: Optional[str]) -> str:
+    """The device to run on: ``text``, or CUDA when available; an error if it is not there."""
+    if text is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device: {text!r} is not a device (cpu, cuda, cuda:K)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device: {text!r} is not available here (no CUDA device)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device: {text!r} is not available here ({torch.cuda.device_count()} CUDA devices)")
+    elif dev.type != "cpu":
+        raise UsageError(f"--device: {text!r}: fastdiff runs on cpu and cuda devices")
+    return str(dev)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def _check_output(path: Optional[str], option: str, suffixes: Optional[tuple] = None) -> None:
+    """An output path whose folder exists and is writable, and which is not a folder itself."""
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise UsageError(f"{option}: {path!r} is a folder; give a file name")
+    if suffixes is not None and not path.lower().endswith(suffixes):
+        raise UsageError(f"{option}: {path!r} must end in one of {', '.join(suffixes)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"{option}: the folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{option}: the folder {folder!r} is not writable")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing files: a temporary name in the target folder, renamed into place when complete
+# ---------------------------------------------------------------------------------------------
+
+
+def write_atomically(path: str, write: Callable) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path`` and rename it to ``path`` when it returned
+    (:func:`fastdiff.io.atomic_write`): an error (a full disk, an interrupt) leaves the previous ``path`` as it
+    was and no partial file."""
+    with atomic_write(path) as f:
+        write(f)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,8 +145,9 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def save_grid(images: np.ndarray, path: str, columns: Optional[int] = None, min_tile: int = 64) -> None:
-    """A grid PNG of (N, C, H, W) images in [-1, 1] (1 channel: grey; 3: RGB; other: the first 3 channels,
-    each normalised); tiles are enlarged (nearest) to at least ``min_tile`` pixels."""
+    """A grid image of (N, C, H, W) images in [-1, 1] (1 channel: grey; 3: RGB; other: the first 3 channels,
+    each normalised); tiles are enlarged (nearest) to at least ``min_tile`` pixels. The format follows the
+    file name's suffix; the file is written atomically (:func:`write_atomically`)."""
     from PIL import Image
 
     n, c, h, w = images.shape
@@ -132,19 +170,10 @@ def save_grid(images: np.ndarray, path: str, columns: Optional[int] = None, min_
     scale = max(1, math.ceil(min_tile / max(h, w)))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(path)
-
-
-def _decode_latents(latents: torch.Tensor, vae_path: str, batch: int = 8) -> torch.Tensor:
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(vae_path).to(latents.device).eval()
-    outs = []
-    with torch.no_grad():
-        for i in range(0, latents.shape[0], batch):
-            outs.append(vae.decode(latents[i: i + batch] / LATENT_SCALE).sample.float().clamp(-1, 1))
-    return torch.cat(outs)
+    fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower())
+    if fmt is None:
+        raise ValueError(f"cannot tell an image format from the name {path!r} (use .png)")
+    write_atomically(path, lambda f: img.save(f, format=fmt))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +182,12 @@ def _decode_latents(latents: torch.Tensor, vae_path: str, batch: int = 8) -> tor
 
 
 def _init_distributed(device: str) -> bool:
-    """Join the process group torchrun describes (WORLD_SIZE > 1); True when this call created it."""
+    """Join the process group torchrun describes (WORLD_SIZE > 1); True when this call created it.
+
+    The peers must all join within ``FASTDIFF_DIST_TIMEOUT`` seconds (default 60): a rank whose peers never
+    come gets an error instead of waiting forever (collectives keep torch's own timeout)."""
+    import datetime
+
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
@@ -161,28 +195,58 @@ def _init_distributed(device: str) -> bool:
     use_nccl = device.startswith("cuda") and torch.cuda.is_available()
     if use_nccl:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend="nccl" if use_nccl else "gloo")
+    wait = float(os.environ.get("FASTDIFF_DIST_TIMEOUT", "60"))
+    try:
+        store, rank, world = next(dist.rendezvous("env://", timeout=datetime.timedelta(seconds=wait)))
+    except (RuntimeError, ValueError) as e:  # DistStoreError / DistNetworkError, or a missing MASTER_ADDR
+        raise TimeoutError(f"torch.distributed: the {os.environ.get('WORLD_SIZE')} processes "
+                         f"of WORLD_SIZE did not all join within {wait:g} s (RANK={os.environ.get('RANK')}, "
+                         f"MASTER_ADDR={os.environ.get('MASTER_ADDR')}, MASTER_PORT="
+                         f"{os.environ.get('MASTER_PORT')}); start every rank (torchrun does) or unset "
+                         f"WORLD_SIZE; FASTDIFF_DIST_TIMEOUT sets the wait: {str(e).splitlines()[0]}") from None
+    dist.init_process_group(backend="nccl" if use_nccl else "gloo", store=store, rank=rank, world_size=world)
     return True
 
 
-def labels_for(n: int, num_classes: int, classes: Optional[list]) -> Optional[np.ndarray]:
+def labels_for(n: int, num_classes: Optional[int], classes: Optional[list]) -> Optional[np.ndarray]:
     """Sample i gets ``classes[i mod len(classes)]``, or ``i mod num_classes``; None if unconditional."""
     if not num_classes:
         if classes:
-            raise SystemExit("fastdiff: --class given but the model is not class-conditional")
+            raise UsageError("--class: the model is not class-conditional")
         return None
     pool = classes if classes else list(range(num_classes))
     for k in pool:
         if not 0 <= k < num_classes:
-            raise SystemExit(f"fastdiff: --class {k} is out of range (the model has {num_classes} classes)")
+            raise UsageError(f"--class: {k} is out of range (the model has classes 0 to {num_classes - 1})")
     return np.array([pool[i % len(pool)] for i in range(n)], dtype=np.int64)
+
+
+def _load(args, **kwargs):
+    from fastdiff.loading import load
+
+    return load(args.model, checkpoint=args.checkpoint, random_weights=args.random_weights, **kwargs)
 
 
 def cmd_sample(args) -> int:
     from fastdiff.engine import sample
     from fastdiff.policy import cpu_threads
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args.device)  # every check before any work: the device, the outputs, the model
+    _check_output(args.out, "--out", IMAGE_SUFFIXES)
+    _check_output(args.save, "--save")
+    if args.out and args.save and os.path.abspath(args.out) == os.path.abspath(args.save):
+        raise UsageError("--out and --save name the same file")
+    if args.seed + args.n > MAX_SEED:
+        raise UsageError("--seed: samples use seeds --seed to --seed + n - 1, which must stay below 2^63")
+    den = _load(args, vae=args.vae)
+    if args.runtime == "onnxruntime" and not isinstance(den.model, torch.nn.Module):
+        raise UsageError(f"--runtime onnxruntime exports a step graph from a PyTorch model; {args.model!r} "
+                         "already runs in ONNX Runtime (use --runtime torch, the default)")
+    labels = labels_for(args.n, den.num_classes, args.classes)
+    if args.guidance is not None and args.guidance != 1.0 and (labels is None or den.y_null is None):
+        raise UsageError("--guidance: this model has no null label for classifier-free guidance "
+                         "(leave --guidance out, or give 1)")
+    guidance = den.default_guidance_scale if args.guidance is None else args.guidance
     if device == "cpu":
         torch.set_num_threads(cpu_threads(args.threads))
     created = _init_distributed(device)
@@ -192,44 +256,37 @@ def cmd_sample(args) -> int:
     if dist.is_available() and dist.is_initialized() and device == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
     try:
-        den, info = load_model(args.model, args.checkpoint)
-        n = int(args.n)
-        if n < 1:
-            raise SystemExit("fastdiff: --n must be >= 1")
-        labels = labels_for(n, info["num_classes"], args.classes)
-        guidance = info["default_guidance"] if args.guidance is None else float(args.guidance)
-        if labels is None and guidance != 1.0:
-            guidance = 1.0
+        n = args.n
         seeds = [args.seed + i for i in range(n)]
+        decode = den.latent and den.vae is not None
         t0 = time.perf_counter()
-        out = sample(den, (n, *info["sample_shape"]), sampler=args.sampler, steps=args.steps,
+        out = sample(den, (n, *den.sample_shape), sampler=args.sampler, steps=args.steps,
                      guidance_scale=guidance, y=None if labels is None else torch.from_numpy(labels),
                      seeds=seeds, device=device, dtype=args.dtype, progress=not args.quiet and rank == 0,
                      batch_size=args.batch, compile=args.compile, cuda_graph=args.cuda_graph,
-                     runtime=args.runtime)
+                     runtime=args.runtime, threads=args.threads, decode=decode)
         if out.device.type == "cuda":
             torch.cuda.synchronize(out.device)
         dt = time.perf_counter() - t0
         if rank != 0:
             return 0
-        images = out
-        if info["latent"] and args.vae:
-            images = _decode_latents(out, args.vae)
-        arr = images.float().clamp(-1, 1).cpu().numpy() if not info["latent"] or args.vae \
-            else out.float().cpu().numpy()
+        arr = out.float().cpu().numpy()
+        if not den.latent or decode:
+            arr = np.clip(arr, -1.0, 1.0)
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        print(f"{n} samples in {dt:.2f} s: {n / dt:.2f} images/s ({args.sampler}, {args.steps} steps, "
+        what = "latents (no --vae: the grid shows their first 3 channels)" if den.latent and not decode \
+            else "samples"
+        print(f"{n} {what} in {dt:.2f} s: {n / dt:.2f} images/s ({args.sampler}, {args.steps} steps, "
               f"guidance {guidance:g}, {out.device}, {world} process{'es' if world > 1 else ''})")
         if args.out:
-            by_class = labels is not None and not args.classes and n >= info["num_classes"]
-            cols = info["num_classes"] if by_class else None
-            save_grid(arr, args.out, columns=cols)
+            by_class = labels is not None and not args.classes and n >= den.num_classes
+            save_grid(arr, args.out, columns=den.num_classes if by_class else None)
             print(f"wrote {args.out}")
         if args.save:
             payload = {"samples": arr.astype(np.float32), "seeds": np.array(seeds, dtype=np.int64)}
             if labels is not None:
                 payload["labels"] = labels
-            np.savez(args.save, **payload)
+            write_atomically(args.save, lambda f: np.savez(f, **payload))
             print(f"wrote {args.save}")
         return 0
     finally:
@@ -237,39 +294,126 @@ def cmd_sample(args) -> int:
             dist.destroy_process_group()
 
 
-def _version(mod: str) -> str:
+def cmd_export(args) -> int:
+    _check_output(args.out, "--out", (".onnx",))
     try:
-        from importlib.metadata import version
+        from fastdiff import export
+    except ImportError as e:
+        raise ImportError(f"fastdiff export needs the onnx extras (pip install 'fastdiff[onnx]'): {e}") from e
+    den = _load(args)
+    if not isinstance(den.model, torch.nn.Module):
+        raise UsageError(f"--model: {args.model!r} is already an ONNX graph")
+    kw = {"input_shape": den.sample_shape}
+    if args.step:
+        guided = bool(args.guidance) and den.y_null is not None
+        path = export.step_to_onnx(den, args.step, args.out, guidance=guided, y_null=den.y_null, **kw)
+    else:
+        path = export.to_onnx(den, args.out, **kw)
+    print(f"wrote {path}")
+    return 0
 
-        return version(mod)
-    except Exception:
-        return "not installed"
+
+def _version(dist_name: str) -> Optional[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist_name)
+    except PackageNotFoundError:
+        return None
+
+
+def _working_ort_providers() -> list:
+    """The ONNX Runtime providers that run a session here: each is tried on a one-node graph (ORT falls back
+    to the CPU silently when a provider cannot start, so being listed is not enough)."""
+    import onnxruntime as ort
+
+    gpu_only = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider",
+                "MIGraphXExecutionProvider", "NvTensorRTRTXExecutionProvider")
+    listed = [p for p in ort.get_available_providers()
+              if p != "AzureExecutionProvider" and (torch.cuda.is_available() or p not in gpu_only)]
+    try:
+        from onnx import TensorProto, helper
+    except ImportError:  # no way to build the probe: list CPU, and CUDA only where torch sees a GPU
+        return [p for p in listed if p == "CPUExecutionProvider" or torch.cuda.is_available()]
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8  # old enough for any onnxruntime of the last years
+    blob = model.SerializeToString()
+    working = []
+    for provider in listed:
+        try:
+            with _silenced_fds():  # ORT prints its own failure reports; the probe's answer is the result
+                options = ort.SessionOptions()
+                options.log_severity_level = 4
+                session = ort.InferenceSession(blob, options, providers=[provider])
+                if session.get_providers()[0] == provider:
+                    session.run(None, {"x": np.ones(1, dtype=np.float32)})
+                    working.append(provider)
+        except Exception:
+            continue
+    return working
+
+
+@contextlib.contextmanager
+def _silenced_fds():
+    """stdout and stderr to /dev/null at the file-descriptor level (C++ libraries write there directly)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)
+
+
+def _norm_path(device: torch.device) -> str:
+    from fastdiff.ops import current_backend, use_triton
+
+    word = current_backend()
+    try:
+        triton = use_triton(torch.empty(0, device=device))
+    except RuntimeError:  # "triton" on a CPU tensor without TRITON_INTERPRET=1: every call would fail
+        return "none: FASTDIFF_BACKEND=triton on the CPU needs TRITON_INTERPRET=1 (set before Triton is imported)"
+    if triton:
+        return "Triton kernels" + (" (the Triton interpreter, TRITON_INTERPRET=1)" if device.type == "cpu" else "")
+    if word == "reference":
+        return "reference (plain PyTorch, float32 statistics on shifted data)"
+    return "native ATen GroupNorm/LayerNorm + one in-place modulate"
 
 
 def cmd_info(args) -> int:
     import platform
 
     import fastdiff
+    from fastdiff import ops
     from fastdiff.policy import cpu_has_native_bf16, default_dtype
 
-    print(f"fastdiff {fastdiff.__version__}  python {platform.python_version()}  {platform.platform()}")
-    for pkg in ("torch", "triton", "numpy", "safetensors", "onnx", "onnxruntime-gpu", "onnxruntime",
-                "onnxscript", "xformers", "diffusers", "nvidia-ml-py"):
-        print(f"  {pkg:16s} {_version(pkg)}")
-    cap = ""
-    try:
-        cap = torch.backends.cpu.get_cpu_capability()
-    except Exception:
-        pass
+    print(f"fastdiff {fastdiff.__version__}, python {platform.python_version()}, {platform.platform()}")
+    installed = [(pkg, _version(pkg)) for pkg in ("torch", "triton", "numpy", "safetensors", "onnx", "onnxscript",
+                                                   "onnxruntime", "onnxruntime-gpu", "xformers", "diffusers",
+                                                   "nvidia-ml-py")]
+    print("packages: " + ", ".join(f"{p} {v}" for p, v in installed if v))
+    cap = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
     print(f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
           f"{torch.get_num_threads()}, capability {cap}, native bf16: {cpu_has_native_bf16()}, "
           f"sample dtype: {str(default_dtype('cpu')).replace('torch.', '')}")
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if cuda:
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
             print(f"cuda:{i}: {p.name}, {p.total_memory / 2**30:.1f} GiB, sm_{p.major}{p.minor}, "
                   f"{p.multi_processor_count} SMs")
-        try:
+        with contextlib.suppress(Exception):  # nvidia-ml-py missing or no driver access: no line
             import pynvml
 
             pynvml.nvmlInit()
@@ -277,117 +421,184 @@ def cmd_info(args) -> int:
                 h = pynvml.nvmlDeviceGetHandleByIndex(i)
                 clock = pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM)
                 power = pynvml.nvmlDeviceGetPowerManagementLimit(h) / 1000
-                mem = pynvml.nvmlDeviceGetMemoryInfo(h)
                 print(f"  nvml {i}: driver {pynvml.nvmlSystemGetDriverVersion()}, max SM clock {clock} MHz, "
-                      f"power limit {power:.0f} W, memory used {mem.used / 2**30:.1f} / "
-                      f"{mem.total / 2**30:.1f} GiB")
-        except Exception as e:  # nvidia-ml-py missing or no driver access
-            print(f"  nvml: unavailable ({type(e).__name__})")
+                      f"power limit {power:.0f} W")
     else:
         print("cuda: not available")
-    from fastdiff import ops
-
     interp = os.environ.get("TRITON_INTERPRET") == "1"
-    triton_ok = _version("triton") != "not installed"
-    print("kernel backends:")
-    print(f"  triton:     {'usable (CUDA)' if triton_ok and torch.cuda.is_available() else ''}"
-          f"{'interpreter on CPU tensors (TRITON_INTERPRET=1)' if triton_ok and interp else ''}"
-          f"{'installed, no GPU: ops use the reference path' if triton_ok and not interp and not torch.cuda.is_available() else ''}"  # noqa: E501
-          f"{'not installed' if not triton_ok else ''}")
-    print("  reference:  usable (any device)")
-    print(f"  sdpa:       usable ({'cuda, ' if torch.cuda.is_available() else ''}cpu)")
-    xf = False
-    if torch.cuda.is_available():
-        try:
-            xf = ops.xformers_usable(torch.device("cuda"), torch.float16)
-        except Exception:
-            xf = False
-    print(f"  xformers:   {'usable' if xf else 'not usable here'}")
+    triton_ok = _version("triton") is not None
+    where = ["cuda"] if cuda else []
+    where += ["cpu"]
+    for dev in where:
+        print(f"norm ops on {dev} tensors: {_norm_path(torch.device(dev))}")
+    attention = ["sdpa", "reference"]
+    if triton_ok and (cuda or interp):
+        attention.append("triton" + ("" if cuda else " (interpreter)"))
+    with contextlib.suppress(Exception):
+        if ops.xformers_usable(torch.device("cuda" if cuda else "cpu"), torch.float16 if cuda else torch.float32):
+            attention.append("xformers")
+    print(f"attention backends that run here: {', '.join(attention)}")
+    update = "Triton kernel" if cuda and triton_ok else "reference (plain PyTorch)"
+    print(f"sampler update: {update}" + (" on CUDA tensors, reference on CPU tensors" if cuda else ""))
     try:
-        import onnxruntime as ort
-
-        print(f"  onnxruntime providers: {', '.join(ort.get_available_providers())}")
+        providers = _working_ort_providers()
+        print(f"onnxruntime providers that run here: {', '.join(providers) or 'none'}")
     except ImportError:
-        print("  onnxruntime: not installed")
-    print(f"  backend switch: FASTDIFF_BACKEND={os.environ.get('FASTDIFF_BACKEND', 'auto')} "
-          f"(current: {ops.current_backend()})")
+        pass  # not installed: nothing runs here, nothing to list
+    print(f"backend switch: FASTDIFF_BACKEND={os.environ.get('FASTDIFF_BACKEND', 'auto')} "
+          f"(in force: {ops.current_backend()})")
     return 0
 
 
-def cmd_export(args) -> int:
-    try:
-        from fastdiff import export
-    except ImportError as e:
-        raise SystemExit(f"fastdiff export needs the onnx extras (pip install 'fastdiff[onnx]'): {e}") from e
-    den, info = load_model(args.model, args.checkpoint)
-    kw = {"input_shape": info["sample_shape"]}
-    if args.step:
-        guided = bool(args.guidance) and info["num_classes"] > 0 and getattr(den, "y_null", None) is not None
-        path = export.step_to_onnx(den, args.step, args.out, guidance=guided,
-                                   y_null=getattr(den, "y_null", None), **kw)
-    else:
-        path = export.to_onnx(den, args.out, **kw)
-    print(f"wrote {path}")
-    return 0
+# ---------------------------------------------------------------------------------------------
+# The parser
+# ---------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its complaints raised as :class:`UsageError` (one line, exit status 2)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default (or says it is required)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is argparse.SUPPRESS or "default" in text.lower() or not action.option_strings:
+            return text
+        if action.required:
+            return f"{text} (required)"
+        default = action.default
+        shown = "off" if default is False else "on" if default is True else "%(default)s"
+        return f"{text} (default: {shown})"
+
+
+_MODEL_HELP = ("'digits' (bundled), a preset name (with --checkpoint), a checkpoint file, a diffusers "
+               "UNet2DModel or pipeline folder, or an .onnx model graph: what fastdiff.load takes")
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="digits", help=_MODEL_HELP)
+    p.add_argument("--checkpoint", default=None,
+                   help="the preset's released weights (.pt / .pth / .bin / .safetensors, or a diffusers folder "
+                        "for the DDPM presets) (default: none; a preset needs it or --random-weights)")
+    p.add_argument("--random-weights", dest="random_weights", action="store_true",
+                   help="build a preset untrained: its samples are noise (speed tests)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from fastdiff.samplers import SAMPLERS
 
-    p = argparse.ArgumentParser(prog="fastdiff", description="Fast sampling from diffusion models.")
-    sub = p.add_subparsers(dest="command", required=True)
+    fmt = {"formatter_class": _HelpFormatter}
+    p = _Parser(prog="fastdiff", description="Fast sampling from diffusion models.", **fmt)
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error too (also: "
+                   "FASTDIFF_DEBUG=1; --debug works anywhere on the line)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{sample,export,features,info}")
 
-    s = sub.add_parser("sample", help="draw samples and write an image grid")
-    s.add_argument("--model", default="digits", help="'digits' (bundled) or a preset name")
-    s.add_argument("--checkpoint", default=None, help="weights (.safetensors / .pt) for the model")
-    s.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLERS))
-    s.add_argument("--steps", type=int, default=20)
-    s.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default: the model's; digits: 2)")
-    s.add_argument("--class", dest="classes", type=int, nargs="+", default=None,
+    s = sub.add_parser("sample", help="draw samples and write an image grid", **fmt)
+    _model_arguments(s)
+    s.add_argument("--vae", default=None,
+                   help="a diffusers AutoencoderKL folder that decodes a latent model's samples to images "
+                        "(default: none; the grid then shows latents)")
+    s.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLERS), help="the sampler")
+    s.add_argument("--steps", type=_int_at_least(1), default=20, help="sampling steps")
+    s.add_argument("--guidance", type=_finite_float, default=None,
+                   help="classifier-free guidance scale (default: the model's: digits 2, DiT 4, U-ViT 1.4 / 1.7; "
+                        "1 for models without a null label)")
+    s.add_argument("--class", dest="classes", type=_int_at_least(0), nargs="+", default=None,
                    help="class labels to cycle through (default: all classes)")
-    s.add_argument("--n", "--num-samples", dest="n", type=int, default=20,
+    s.add_argument("--n", "--num-samples", dest="n", type=_int_at_least(1), default=20,
                    help="number of samples (under torchrun write --num-samples: torchrun's own parser "
                         "reads --n as an abbreviation of its options)")
-    s.add_argument("--seed", type=int, default=0, help="sample i uses seed SEED + i")
-    s.add_argument("--batch", type=int, default=None, help="chunk size")
-    s.add_argument("--device", default=None, help="cpu | cuda | cuda:K (default: cuda if available)")
+    s.add_argument("--seed", type=_int_at_least(0, MAX_SEED), default=0, help="sample i uses seed SEED + i")
+    s.add_argument("--batch", type=_int_at_least(1), default=None,
+                   help="chunk size (default: 32 on the CPU; on CUDA what fits the memory)")
+    s.add_argument("--device", default=None, help="cpu | cuda | cuda:K (default: cuda if available, else cpu)")
     s.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="model dtype (default: bf16 on GPU and on CPUs with native bf16, else float32)")
-    s.add_argument("--threads", type=int, default=None,
+    s.add_argument("--threads", type=_int_at_least(1), default=None,
                    help="CPU threads (default: torch's, or 1 when the machine is already busy)")
-    s.add_argument("--compile", action="store_true", help="torch.compile the model")
-    s.add_argument("--cuda-graph", dest="cuda_graph", type=lambda v: v.lower() in ("1", "true", "yes"),
-                   default=None, help="CUDA graph replay (default: on for CUDA)")
-    s.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime"))
-    s.add_argument("--vae", default=None, help="diffusers AutoencoderKL directory to decode latents")
-    s.add_argument("--out", default="samples.png", help="grid PNG ('' for none)")
-    s.add_argument("--save", default=None, help="write samples, labels and seeds to this .npz")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (the first call compiles: about 2 minutes on a CPU)")
+    s.add_argument("--cuda-graph", dest="cuda_graph", type=_on_off, default=None,
+                   help="CUDA graph replay, 1/0 (default: on for CUDA)")
+    s.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime"),
+                   help="onnxruntime exports the step graph on the first call (seconds to minutes), then runs it")
+    s.add_argument("--out", default="samples.png", help="grid image (.png, .jpg, ...; '' for none)")
+    s.add_argument("--save", default=None, help="write samples, labels and seeds to this .npz (default: none)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample)
 
-    i = sub.add_parser("info", help="versions, devices and kernel backends")
-    i.set_defaults(func=cmd_info)
-
-    e = sub.add_parser("export", help="export the model (or one sampling step) to ONNX")
-    e.add_argument("--model", default="digits")
-    e.add_argument("--checkpoint", default=None)
+    e = sub.add_parser("export", help="export the model (or one sampling step) to ONNX", **fmt)
+    _model_arguments(e)
     e.add_argument("--out", required=True, help="the .onnx file")
     e.add_argument("--step", default=None, choices=sorted(SAMPLERS),
-                   help="export one whole sampling step of this sampler instead of the model")
-    e.add_argument("--guidance", type=int, default=1,
-                   help="with --step: include classifier-free guidance (1/0)")
+                   help="export one whole sampling step of this sampler instead of the model (default: the model)")
+    e.add_argument("--guidance", type=int, choices=(0, 1), default=1,
+                   help="with --step: include classifier-free guidance where the model has a null label (1/0)")
     e.set_defaults(func=cmd_export)
 
     from fastdiff.features import add_features_arguments, features_command  # features: fastdiff/features.py
-    add_features_arguments(sub.add_parser("features", help="diffusion features of images, to shards"))
-    sub.choices["features"].set_defaults(func=features_command)
+
+    f = sub.add_parser("features", help="diffusion features of images, to shards", **fmt)
+    add_features_arguments(f)
+    f.set_defaults(func=features_command)
+
+    i = sub.add_parser("info", help="versions, devices, and the kernel paths and providers that run here", **fmt)
+    i.set_defaults(func=cmd_info)
     return p
 
 
+# ---------------------------------------------------------------------------------------------
+# main: one line per error
+# ---------------------------------------------------------------------------------------------
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    if isinstance(e, SystemExit):
+        text = text.removeprefix("fastdiff: ")
+    elif not isinstance(e, (ValueError, OSError, ImportError)):
+        text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    text = text or type(e).__name__
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
+def _warn_in_one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"fastdiff: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def main(argv: Optional[list] = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    """Run one command; returns the exit status (0, 2 on any error, 130 when interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("FASTDIFF_DEBUG", "").strip() not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    with warnings.catch_warnings():
+        if not debug:
+            warnings.showwarning = _warn_in_one_line
+        try:
+            args = build_parser().parse_args(argv)
+            return int(args.func(args) or 0)
+        except KeyboardInterrupt:
+            if debug:
+                traceback.print_exc()
+            print("fastdiff: interrupted", file=sys.stderr)
+            return 130
+        except SystemExit as e:
+            if e.code is None or isinstance(e.code, int):  # --help, or a command's own exit status
+                raise
+            if debug:
+                traceback.print_exc()
+            print(f"fastdiff: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        except Exception as e:
+            if debug:
+                traceback.print_exc()
+            print(f"fastdiff: error: {_one_line(e)}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ DDPM-Seg shares one noise across its timesteps), or (timesteps, ensemble, C, H, 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -52,6 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastdiff.feature_folder import FeatureFolderError, load_features, merge_index
+from fastdiff.io import check_output_path, write_bytes
+from fastdiff.model_cache import run_copy
 from fastdiff.samplers import make_generators, randn_per_sample
 
 __all__ = ["FeatureExtractor", "RECIPES", "layer_names", "tokens_to_map", "load_features", "merge_index",
@@ -282,7 +286,8 @@ class FeatureExtractor:
         model: a zoo model (ADMUNet, ADMClassifier, DDPMUNet, DiT, UViT), any ``nn.Module`` called as
             ``model(x, t)`` / ``model(x, t, y=y)``, or a :class:`fastdiff.Denoiser` (its model, its
             schedule when ``schedule`` is None, its ``y_null`` as the null label: the bundled digits model).
-        schedule: a :class:`fastdiff.schedules.VPSchedule` (``add_noise``, ``num_train_timesteps``).
+        schedule: a :class:`fastdiff.schedules.VPSchedule` (``add_noise``, ``num_train_timesteps``); None
+            with a Denoiser (``FeatureExtractor(fastdiff.load("digits"), layers=..., timesteps=...)``).
         layers: module names (see :func:`layer_names`); the forward stops after the deepest.
         timesteps: integer timesteps in ``[0, num_train_timesteps - 1]``, no repeats.
         ensemble: noise draws per (image, timestep); features are their mean (DIFT).
@@ -304,7 +309,7 @@ class FeatureExtractor:
         dtype: dtype of the returned features (default float32; None keeps the model's).
     """
 
-    def __init__(self, model: nn.Module, schedule, layers: Sequence[str] = None,
+    def __init__(self, model: nn.Module, schedule=None, layers: Sequence[str] = None,
                  timesteps: Sequence[int] = None,
                  ensemble: int = 1, seed: int = 0, pool: Optional[str] = None,
                  upsample_to: Union[None, str, int, tuple] = None, concat: bool = False,
@@ -318,6 +323,8 @@ class FeatureExtractor:
             model = model.model
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module or a fastdiff Denoiser, got {type(model).__name__}")
+        if schedule is None:
+            raise ValueError("schedule: pass the model's schedule, or a fastdiff Denoiser (fastdiff.load) alone")
         if not hasattr(schedule, "add_noise") or not hasattr(schedule, "num_train_timesteps"):
             raise ValueError("schedule must be a discrete VP schedule (fastdiff.schedules.VPSchedule)")
         self.model, self.schedule = model, schedule
@@ -369,6 +376,11 @@ class FeatureExtractor:
         self._last = max(layers, key=order.__getitem__) if self.kind != "hooks" else None
         self._rows_per_forward: Optional[int] = None
         self.forward_calls = 0  # model forwards run (each a chunk of rows)
+        if isinstance(y, (int, str)) or y is None:  # a fixed label is checked now, before any work
+            if isinstance(y, str) and y != "null":
+                raise ValueError(f"y must be None, 'null', an int or an integer tensor, got {y!r}")
+            if y is not None:
+                self._labels(None, 1, "cpu")
 
     # ---- the model's view -------------------------------------------------------------------
 
@@ -388,6 +400,8 @@ class FeatureExtractor:
         m = self.model
         if self._y_null is not None:
             return int(self._y_null)
+        if getattr(m, "y_null", None) is not None:  # set by fastdiff.models.preset and fastdiff.load
+            return int(m.y_null)
         if getattr(m, "null_label", None) is not None:
             return int(m.null_label)
         if isinstance(m, DiT):
@@ -396,6 +410,8 @@ class FeatureExtractor:
                 return m.num_classes
             raise ValueError("y: this DiT has no null label (class_dropout_prob=0); pass class labels")
         if isinstance(m, UViT):
+            if m.num_classes > 0 and "y_null" in vars(m):  # the preset says none (U-ViT's ImageNet 64 model)
+                raise ValueError("y: this UViT is class-conditional and has no null label; pass class labels")
             return m.num_classes - 1 if m.num_classes > 0 else None
         if isinstance(m, ADMUNet) and m.num_classes is not None:
             raise ValueError("y: this ADMUNet is class-conditional and has no null label; pass class labels")
@@ -406,17 +422,30 @@ class FeatureExtractor:
         return getattr(m, "null_label", None)
 
     def _labels(self, y, n: int, device) -> Optional[Tensor]:
+        from fastdiff.models.common import check_labels, label_table_size
+
         y = self.y if y is None else y
         if y is None or (isinstance(y, str) and y == "null"):
             null = self.null_label()
             return None if null is None else torch.full((n,), null, dtype=torch.long, device=device)
+        rows = label_table_size(self.model)
+        if rows is None and self.kind != "hooks":
+            raise ValueError(f"y must be None: this {type(self.model).__name__} is unconditional")
         if isinstance(y, int) and not isinstance(y, bool):
-            return torch.full((n,), y, dtype=torch.long, device=device)
-        if not isinstance(y, Tensor) or y.shape != (n,) or y.is_floating_point():
+            y = torch.full((n,), y, dtype=torch.long)
+        if not isinstance(y, Tensor) or y.shape != (n,) or y.is_floating_point() or y.dtype == torch.bool:
             got = (tuple(y.shape), y.dtype) if isinstance(y, Tensor) else repr(y)
             raise ValueError(f"y must be None, 'null', an int or an integer tensor of shape ({n},), "
                              f"got {got}")
+        if rows is not None:  # the walkers index the label table directly: check the range here
+            y = check_labels(y, n, rows, "y", null_label=self._null_or_none())
         return y.to(device=device, dtype=torch.long)
+
+    def _null_or_none(self) -> Optional[int]:
+        try:
+            return self.null_label()
+        except ValueError:
+            return None
 
     def _map(self, h: Tensor) -> Tensor:
         """A layer's output as the feature map: tokens to (N, D, h, w) for the transformers."""
@@ -426,18 +455,26 @@ class FeatureExtractor:
             return tokens_to_map(h, self.model.img_size // self.model.patch_size, self.model.extras)
         return _first_tensor(h)
 
+    def _net(self) -> nn.Module:
+        """The model in eval mode: yours when it is (always so far), else a cached eval copy that shares
+        your weights (fastdiff.model_cache): extraction never changes your model's train/eval flags."""
+        return run_copy(self.model, eval=True)
+
     def forward_features(self, x_t: Tensor, t: Tensor, y: Optional[Tensor] = None) -> dict[str, Tensor]:
         """One forward on noisy inputs (rows), stopped after the deepest layer: {layer: (R, ...)} as maps.
 
         This is the exportable core: no noise, no averaging, only the model's own ops.
         """
+        return self._forward_features(self._net(), x_t, t, y)
+
+    def _forward_features(self, net: nn.Module, x_t: Tensor, t: Tensor, y: Optional[Tensor]) -> dict:
         if self.kind != "hooks":
             keep = _Collector(self.layers, self._last, self._map)
-            return dict(_WALKERS[self.kind](self.model, x_t, t, y, keep))
-        return self._forward_hooks(x_t, t, y)
+            return dict(_WALKERS[self.kind](net, x_t, t, y, keep))
+        return self._forward_hooks(net, x_t, t, y)
 
-    def _forward_hooks(self, x_t: Tensor, t: Tensor, y: Optional[Tensor]) -> dict[str, Tensor]:
-        modules = dict(self.model.named_modules())
+    def _forward_hooks(self, net: nn.Module, x_t: Tensor, t: Tensor, y: Optional[Tensor]) -> dict[str, Tensor]:
+        modules = dict(net.named_modules())
         out: dict[str, Tensor] = {}
         seen: list[str] = []
 
@@ -452,7 +489,7 @@ class FeatureExtractor:
 
         handles = [modules[name].register_forward_hook(hook(name)) for name in self.layers]
         try:
-            _call_model(self.model, x_t, t, y)
+            _call_model(net, x_t, t, y)
         except _StopForward:
             pass
         finally:
@@ -506,11 +543,12 @@ class FeatureExtractor:
         x = image.to(dev, self._param_dtype())
         t = torch.full((1,), self.timesteps[0], device=dev, dtype=torch.long)
         y = self._labels(None, 1, dev)
+        net = self._net()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
             base = torch.cuda.memory_allocated(dev)
             torch.cuda.reset_peak_memory_stats(dev)
-            self.forward_features(x, t, y)
+            self._forward_features(net, x, t, y)
             return max(1, torch.cuda.max_memory_allocated(dev) - base)
         total = [0]
 
@@ -519,9 +557,9 @@ class FeatureExtractor:
                 if isinstance(o, Tensor):
                     total[0] += o.numel() * o.element_size()
 
-        handles = [m.register_forward_hook(count) for m in self.model.modules() if not list(m.children())]
+        handles = [m.register_forward_hook(count) for m in net.modules() if not list(m.children())]
         try:
-            self.forward_features(x, t, y)
+            self._forward_features(net, x, t, y)
         finally:
             for h in handles:
                 h.remove()
@@ -581,6 +619,7 @@ class FeatureExtractor:
         step = self.rows_per_forward(images)
         ts = torch.tensor(self.timesteps, dtype=torch.long)
         images = images.to(dev)
+        net = self._net()
         acc: dict[str, Tensor] = {}
         for r0 in range(0, rows, step):
             r = torch.arange(r0, min(rows, r0 + step))
@@ -588,7 +627,7 @@ class FeatureExtractor:
             eps = noise[i, ti if noise.shape[1] > 1 else 0, ei]     # (R, C, H, W)
             t = ts[ti].to(dev)
             x_t = self.schedule.add_noise(images[i.to(dev)], eps.to(dev), t).to(mdtype)
-            feats = self.forward_features(x_t, t, labels[i.to(dev)] if labels is not None else None)
+            feats = self._forward_features(net, x_t, t, labels[i.to(dev)] if labels is not None else None)
             self.forward_calls += 1
             slot = (i * tn + ti).to(dev)                    # (image, timestep) pair of each row
             for name, h in feats.items():
@@ -616,28 +655,76 @@ class FeatureExtractor:
 
     # ---- streaming -----------------------------------------------------------------------------
 
+    def settings(self) -> dict:
+        """What determines the features (the identity of a feature-folder run): the model's class and a
+        fingerprint of its weights, the schedule, layers, timesteps, ensemble, seed, pool, upsample,
+        concat, noise draws, labels and output dtype. Rows per forward and the device are left out."""
+        y = self.y
+        if isinstance(y, Tensor):
+            y = hashlib.sha256(y.detach().cpu().to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+        try:
+            null = self.null_label()
+        except ValueError:
+            null = None
+        abar = torch.as_tensor(self.schedule.alphas_cumprod, dtype=torch.float64).cpu().numpy()
+        return {"model": type(self.model).__name__, "weights": _weights_fingerprint(self.model),
+                "schedule": hashlib.sha256(abar.tobytes()).hexdigest()[:16], "layers": self.layers,
+                "timesteps": self.timesteps, "ensemble": self.ensemble, "seed": self.seed, "pool": self.pool,
+                "concat": self.concat, "upsample_to": self.upsample_to,
+                "noise_per_timestep": self.noise_per_timestep, "y": y, "null_label": null,
+                "dtype": str(self.dtype).replace("torch.", "")}
+
     @torch.no_grad()
     def extract_to(self, folder: Union[str, os.PathLike], batches: Iterable, *, rank: Optional[int] = None,
-                   world_size: Optional[int] = None, progress: bool = False) -> Path:
+                   world_size: Optional[int] = None, progress: bool = False, overwrite: bool = False,
+                   resume: bool = False, run_id: Optional[str] = None) -> Path:
         """Stream features of an iterable of batches into ``folder``: one safetensors shard per batch.
 
         A batch is a tensor of images or a tuple ``(images, labels)`` (labels are stored, not used to
         condition; use ``y=`` for that). Image ``k`` of the stream has seed ``seed + k`` whatever the
         batching. Under torchrun (``RANK``/``WORLD_SIZE``, or ``rank=``/``world_size=``) batch ``b``
         goes to rank ``b % world_size`` and each rank writes its shards and ``index-rank{r}.json``;
-        :func:`merge_index` (run here by rank 0 when ``torch.distributed`` is initialised, else by
-        :func:`load_features`) writes ``index.json`` covering all. Shard keys: ``"{layer}/t{t}"``
-        (or ``"features"`` with concat), ``"index"`` (stream positions), ``"labels"``.
+        :func:`merge_index` (run here by rank 0 when ``torch.distributed`` is initialised or the world
+        is one process, else by :func:`load_features`) writes ``index.json``, last. Shard keys:
+        ``"{layer}/t{t}"`` (or ``"features"`` with concat), ``"index"`` (stream positions), ``"labels"``.
+
+        The folder holds one run (:mod:`fastdiff.feature_folder`): its parent must exist; a folder
+        holding another run (an interrupted one included) is refused unless ``overwrite=True`` (the old
+        run's files are removed first) or ``resume=True`` (the run is continued: it must have identical
+        settings, :meth:`settings`, and world size; finished shards are kept). ``run_id``: the run's name,
+        shared by the ranks of one run (default: random; under torch.distributed rank 0's). Every file
+        is written under a temporary name and renamed into place.
         """
+        from fastdiff.feature_folder import FeatureRun, merge_index
+
         rank = int(os.environ.get("RANK", 0)) if rank is None else rank
         world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank must lie in [0, world_size), got rank={rank}, world_size={world_size}")
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        shards, start = [], 0
+        dist = torch.distributed
+        grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        settings = self.settings()
+        if grouped:  # rank 0 decides what the folder holds; the others join its run (or fail with it)
+            run, decided, error = None, [None, None], None
+            if rank == 0:
+                try:
+                    run = FeatureRun.open(folder, settings, rank=rank, world_size=world_size,
+                                          overwrite=overwrite, resume=resume, run_id=run_id)
+                    decided = [run.run_id, None]
+                except Exception as e:
+                    decided, error = [None, f"{type(e).__name__}: {e}"], e
+            dist.broadcast_object_list(decided, src=0)
+            if error is not None:
+                raise error
+            if decided[1] is not None:
+                raise FeatureFolderError(f"rank 0 could not open {os.fspath(folder)!r}: {decided[1]}")
+            if rank != 0:
+                run = FeatureRun.open(folder, settings, rank=rank, world_size=world_size, overwrite=False,
+                                      resume=resume, run_id=decided[0])
+        else:
+            run = FeatureRun.open(folder, settings, rank=rank, world_size=world_size, overwrite=overwrite,
+                                  resume=resume, run_id=run_id)
+        start = 0
         iterator = batches
         if progress:
             from tqdm import tqdm
@@ -645,7 +732,7 @@ class FeatureExtractor:
         for b, batch in enumerate(iterator):
             images, labels = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
             n = images.shape[0]
-            if b % world_size == rank and n:
+            if b % world_size == rank and n and not run.finished(b, start, n):
                 feats = self.extract(images, start=start)
                 tensors = ({"features": feats} if isinstance(feats, Tensor) else
                            {f"{name}/t{t}": v for name, per_t in feats.items() for t, v in per_t.items()})
@@ -653,24 +740,17 @@ class FeatureExtractor:
                 tensors["index"] = torch.arange(start, start + n)
                 if labels is not None:
                     tensors["labels"] = torch.as_tensor(labels).cpu().contiguous()
-                name = f"shard-r{rank:03d}-{b:06d}.safetensors"
-                save_file(tensors, str(folder / name))
-                shards.append({"file": name, "start": start, "count": n})
+                run.write_shard(b, start, n, tensors)
             start += n
-        meta = {"layers": self.layers, "timesteps": self.timesteps, "ensemble": self.ensemble,
-                "seed": self.seed, "pool": self.pool, "concat": self.concat,
-                "upsample_to": self.upsample_to, "noise_per_timestep": self.noise_per_timestep,
-                "model": type(self.model).__name__, "num_images": start, "rank": rank,
-                "world_size": world_size, "shards": shards}
-        (folder / f"index-rank{rank}.json").write_text(json.dumps(meta, indent=1))
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        run.finish(start)
+        if grouped:
+            dist.barrier()
             if rank == 0:
-                merge_index(folder)
-            torch.distributed.barrier()
+                merge_index(run.folder)
+            dist.barrier()
         elif world_size == 1:
-            merge_index(folder)
-        return folder
+            merge_index(run.folder)
+        return run.folder
 
     # ---- export --------------------------------------------------------------------------------
 
@@ -691,8 +771,6 @@ class FeatureExtractor:
         a conditional model. Outputs: one per layer named as the layer, (N, T, ...) stacked over the
         timesteps in order, or ``features`` with concat. Rows are not chunked inside the graph.
         """
-        import onnx
-
         from fastdiff import ops
         from fastdiff.export.onnx import check_standard_onnx, translation_table
 
@@ -701,6 +779,7 @@ class FeatureExtractor:
         if isinstance(example_batch, bool) or not isinstance(example_batch, int) or example_batch < 2:
             raise ValueError(f"example_batch must be an int >= 2 (a batch of 1 would fix the size), "
                              f"got {example_batch!r}")
+        path = check_output_path(path, "path")  # before the export's work
         graph = _ExtractionGraph(self).eval()
         shape = tuple(self.model.example_inputs(1)["x"].shape[1:])
         mdtype = self._param_dtype()
@@ -730,20 +809,19 @@ class FeatureExtractor:
              "pool": self.pool, "concat": self.concat, "upsample_to": self.upsample_to,
              "noise_per_timestep": self.noise_per_timestep, "model": type(self.model).__name__})
         check_standard_onnx(proto)
-        path = os.fspath(path)
-        onnx.save_model(proto, path)
+        write_bytes(path, proto.SerializeToString(), argument="path")
         return path
 
 
 class _FeatureModule(nn.Module):
     def __init__(self, fx: FeatureExtractor):
         super().__init__()
-        self.model = fx.model
+        self.model = fx._net()  # the caller's model, or its eval copy (exporting sets eval on this module)
         self._fx = [fx]  # a list: not a submodule, so the state dict is the model's
         self.output_names = list(fx.layers)
 
     def forward(self, x_t: Tensor, t: Tensor, y: Optional[Tensor] = None):
-        feats = self._fx[0].forward_features(x_t, t, y)
+        feats = self._fx[0]._forward_features(self.model, x_t, t, y)
         return tuple(feats[name] for name in self.output_names)
 
 
@@ -752,7 +830,7 @@ class _ExtractionGraph(nn.Module):
 
     def __init__(self, fx: FeatureExtractor):
         super().__init__()
-        self.model = fx.model
+        self.model = fx._net()  # the caller's model, or its eval copy (exporting sets eval on this module)
         self._fx = [fx]
         abar = torch.as_tensor(fx.schedule.alphas_cumprod, dtype=torch.float64)[fx.timesteps]
         dtype = fx._param_dtype()
@@ -770,7 +848,7 @@ class _ExtractionGraph(nn.Module):
         rows = x_t.reshape(n * tn * e, *shape)
         t = self.ts.repeat_interleave(e).repeat(n)                                         # (N*T*E,)
         labels = y.repeat_interleave(tn * e) if y is not None else None
-        feats = fx.forward_features(rows, t, labels)
+        feats = fx._forward_features(self.model, rows, t, labels)
         size = fx._target_size(images)
         out = {}
         for name in fx.layers:
@@ -786,41 +864,29 @@ class _ExtractionGraph(nn.Module):
         return tuple(out[name] for name in fx.layers)
 
 
+@torch.no_grad()
+def _weights_fingerprint(model: nn.Module) -> str:
+    """A hash of every parameter's and buffer's name, shape, dtype, float64 sum and L2 norm: two checkpoints
+    of one architecture differ here (one pass over the weights, no copy)."""
+    names, stats = [], []
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        names.append(f"{name}:{tuple(t.shape)}:{t.dtype}")
+        if t.numel() and t.is_floating_point():
+            stats.append(torch.stack([t.sum(dtype=torch.float64).real,
+                                      torch.linalg.vector_norm(t, dtype=torch.float64)]).cpu())
+        elif t.numel():
+            stats.append(torch.stack([t.sum(dtype=torch.float64), t.abs().sum(dtype=torch.float64)]).cpu())
+    values = torch.cat(stats).tolist() if stats else []
+    blob = "|".join(names) + "|" + ",".join(f"{v:.9e}" for v in values)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def _needs_labels(fx: FeatureExtractor) -> bool:
     try:
         fx.null_label()
     except ValueError:
         return True
     return False
-
-
-def merge_index(folder: Union[str, os.PathLike]) -> dict:
-    """Merge every ``index-rank*.json`` of ``folder`` into ``index.json`` (shards sorted by start)."""
-    folder = Path(folder)
-    parts = sorted(folder.glob("index-rank*.json"))
-    if not parts:
-        raise ValueError(f"folder {str(folder)!r} has no index-rank*.json")
-    metas = [json.loads(p.read_text()) for p in parts]
-    merged = {k: v for k, v in metas[0].items() if k not in ("rank", "shards")}
-    merged["num_images"] = max(m["num_images"] for m in metas)
-    merged["shards"] = sorted((s for m in metas for s in m["shards"]), key=lambda s: s["start"])
-    (folder / "index.json").write_text(json.dumps(merged, indent=1))
-    return merged
-
-
-def load_features(folder: Union[str, os.PathLike]) -> dict[str, Tensor]:
-    """Every shard of a feature folder concatenated in stream order: ``{key: tensor}`` (with "index",
-    and "labels" when stored). Merges the per-rank indexes first when ``index.json`` is missing."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    index_path = folder / "index.json"
-    meta = json.loads(index_path.read_text()) if index_path.exists() else merge_index(folder)
-    chunks: dict[str, list] = {}
-    for shard in meta["shards"]:
-        for k, v in load_file(str(folder / shard["file"])).items():
-            chunks.setdefault(k, []).append(v)
-    return {k: torch.cat(v) for k, v in chunks.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -862,27 +928,42 @@ def correspondence(source: Tensor, target: Tensor, points: Optional[Tensor] = No
 def add_features_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``fastdiff features`` (for fastdiff/cli.py's subparser)."""
     parser.add_argument("--model", required=True,
-                        help="a preset name (fastdiff.models.PRESETS) or 'digits' (the bundled model)")
-    parser.add_argument("--checkpoint", default=None, help="weights (.safetensors / .pt) for the model")
+                        help="'digits' (bundled), a preset name with --checkpoint, a checkpoint file, a "
+                             "diffusers UNet2DModel folder or an .onnx model graph (what fastdiff.load takes)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="weights (.safetensors / .pt) for a preset (default: none)")
     parser.add_argument("--input", required=True,
                         help="a folder of images (png/jpg, scaled to [-1, 1]) or 'digits' (the held-out "
                              "quarter of scikit-learn's digits)")
-    parser.add_argument("--out", required=True, help="output folder for the shards and index.json")
-    parser.add_argument("--recipe", choices=sorted(RECIPES), default=None)
-    parser.add_argument("--layers", default=None, help="comma-separated layer names")
-    parser.add_argument("--timesteps", default=None, help="comma-separated integer timesteps")
-    parser.add_argument("--ensemble", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pool", choices=["avg"], default=None)
-    parser.add_argument("--upsample", default=None, help="'input', N or HxW")
-    parser.add_argument("--concat", action="store_true", default=None)
+    parser.add_argument("--out", required=True, help="output folder for the shards and index.json (its parent "
+                        "must exist)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the feature run already in --out (its files are removed first)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out (identical settings), keeping its finished shards")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                        help="published settings (RECIPES); the options below override them (default: none)")
+    parser.add_argument("--layers", default=None, help="comma-separated layer names (default: the recipe's)")
+    parser.add_argument("--timesteps", default=None,
+                        help="comma-separated integer timesteps (default: the recipe's)")
+    parser.add_argument("--ensemble", type=int, default=None,
+                        help="noise draws averaged per (image, timestep) (default: the recipe's, else 1)")
+    parser.add_argument("--seed", type=int, default=0, help="image k uses seed SEED + k")
+    parser.add_argument("--pool", choices=["avg"], default=None,
+                        help="global average pool of each map (default: none, the maps)")
+    parser.add_argument("--upsample", default=None, help="'input', N or HxW (default: no resize)")
+    parser.add_argument("--concat", action="store_true", default=None,
+                        help="one tensor per image, the layers concatenated along channels (default: off)")
     parser.add_argument("--label", type=int, default=None, help="class label for conditional models "
                         "(default: the null label)")
-    parser.add_argument("--batch-size", type=int, default=None, help="rows per forward")
-    parser.add_argument("--images-per-shard", type=int, default=64)
-    parser.add_argument("--beta-schedule", default="linear")
-    parser.add_argument("--num-train-timesteps", type=int, default=1000)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=None, help="rows per forward (default: 64)")
+    parser.add_argument("--images-per-shard", type=int, default=64, help="images per safetensors shard")
+    parser.add_argument("--beta-schedule", default=None,
+                        help="replace the model's schedule (default: the one fastdiff.load gives)")
+    parser.add_argument("--num-train-timesteps", type=int, default=None,
+                        help="with --beta-schedule: its number of steps (default 1000)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the model runs")
     return parser
 
 
@@ -903,24 +984,15 @@ def _read_image_folder(folder: str, size: int, channels: int) -> Tensor:
 
 
 def _model_for_cli(args):
-    """(model or Denoiser, schedule or None) for --model / --checkpoint."""
-    from fastdiff.models import PRESETS, preset
+    """The Denoiser of --model / --checkpoint (fastdiff.load: the CLI knows nothing a model does not say)."""
+    from fastdiff.loading import load
 
-    if args.model == "digits":
-        from fastdiff.models.digits import load_digits_model
+    schedule = None
+    if args.beta_schedule is not None or args.num_train_timesteps is not None:
+        from fastdiff.schedules import VPSchedule
 
-        return load_digits_model(args.checkpoint), None
-    if args.model not in PRESETS:
-        raise ValueError(f"--model: unknown model {args.model!r}; use 'digits' or a preset name")
-    model = preset(args.model)
-    if args.checkpoint:
-        if args.checkpoint.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            sd = load_file(args.checkpoint)
-        else:
-            sd = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(sd, strict=True)
-    return model, None
+        schedule = VPSchedule(args.beta_schedule or "linear", num_train_timesteps=args.num_train_timesteps or 1000)
+    return load(args.model, checkpoint=args.checkpoint, schedule=schedule)
 
 
 def _image_geometry(model: nn.Module) -> tuple[int, int]:
@@ -932,22 +1004,42 @@ def _image_geometry(model: nn.Module) -> tuple[int, int]:
     raise ValueError("--model: cannot tell the model's image size and channels")
 
 
+def _join_torchrun(device: str, timeout_s: float = 600.0) -> bool:
+    """Under torchrun (WORLD_SIZE > 1) join its process group, so that rank 0 decides which run the folder
+    holds and merges the index; True when this call created the group. Peers that never come end in
+    torch's timeout error after ``timeout_s``, not a hang."""
+    import datetime
+
+    dist = torch.distributed
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    backend = "nccl" if str(device).startswith("cuda") and torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return True
+
+
 def features_command(args) -> int:
     """``fastdiff features``: stream features of a folder of images (or the digits) to --out.
 
-    Under ``torchrun`` each rank extracts every WORLD_SIZE-th shard and writes its own index; the index
-    of all is merged by rank 0 (with torch.distributed initialised) or on first :func:`load_features`.
+    Under ``torchrun`` the ranks join one process group; rank 0 decides which run the folder holds
+    (``--overwrite`` / ``--resume``), each rank extracts every WORLD_SIZE-th shard and writes its own index,
+    and rank 0 merges them into ``index.json``.
     """
-    from fastdiff.schedules import VPSchedule
-
-    model, schedule = _model_for_cli(args)
-    net = model if isinstance(model, nn.Module) else model.model
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out: {args.out!r} exists and is not a folder")
+    if not out.resolve().parent.is_dir():
+        raise FileNotFoundError(f"--out: the parent folder of {args.out!r} does not exist (create it first)")
+    model = _model_for_cli(args)
+    net = model.model
+    if not isinstance(net, nn.Module):
+        raise ValueError(f"--model: features need a PyTorch model; {args.model!r} is not one")
     device = args.device
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank, batches split by rank
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     net.to(device).eval()
-    if schedule is None and isinstance(model, nn.Module):
-        schedule = VPSchedule(args.beta_schedule, num_train_timesteps=args.num_train_timesteps)
     size, channels = _image_geometry(net)
     labels = None
     if args.input == "digits":
@@ -968,10 +1060,15 @@ def features_command(args) -> int:
         up = args.upsample
         kwargs["upsample_to"] = up if up == "input" else (
             tuple(int(v) for v in up.lower().split("x")) if "x" in up.lower() else int(up))
-    fx = FeatureExtractor(model, schedule, seed=args.seed, y=args.label, **kwargs)
+    fx = FeatureExtractor(model, seed=args.seed, y=args.label, **kwargs)
     k = args.images_per_shard
     batches = [(images[i:i + k], labels[i:i + k]) if labels is not None else images[i:i + k]
                for i in range(0, images.shape[0], k)]
-    folder = fx.extract_to(args.out, batches, progress=True)
+    created = _join_torchrun(device)
+    try:
+        folder = fx.extract_to(args.out, batches, progress=True, overwrite=args.overwrite, resume=args.resume)
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()
     print(f"wrote features of {images.shape[0]} images to {folder} ({math.ceil(images.shape[0] / k)} shards)")
     return 0

@@ -15,7 +15,7 @@ __all__ = ["GroupNormModulate", "LayerNormModulate", "Attention", "Mlp", "CrossA
 
 class GroupNormModulate(nn.GroupNorm):
     """``nn.GroupNorm`` (same parameters and state-dict keys) with optional per-sample modulation and
-    SiLU fused in: ``act((GN(x) * weight + bias) * (1 + scale[n, c]) + shift[n, c])``.
+    SiLU fused in: ``act((GN(x + pre_shift[n, c]) * weight + bias) * (1 + scale[n, c]) + shift[n, c])``.
 
     Statistics are float32 whatever the input dtype, as guided-diffusion's ``GroupNorm32``.
     """
@@ -27,9 +27,11 @@ class GroupNormModulate(nn.GroupNorm):
             raise ValueError(f"activation must be one of {ops.ACTIVATIONS}, got {activation!r}")
         self.activation = activation
 
-    def forward(self, x: Tensor, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None, *,
+                pre_shift: Optional[Tensor] = None) -> Tensor:
+        """``pre_shift`` (N, C) is added to x before the statistics (diffusers' ``norm(h + temb)``)."""
         return ops.group_norm_modulate(x, self.num_groups, self.weight, self.bias, scale, shift,
-                                       eps=self.eps, activation=self.activation)
+                                       eps=self.eps, activation=self.activation, pre_shift=pre_shift)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", activation={self.activation}"

@@ -12,14 +12,15 @@ It sits below ``engine.py`` and ``compat/`` so both read one policy without an u
   runs 1.2x faster in NHWC, the 1.2M-parameter digits U-Net 2.5x slower.
 - **threads** (:func:`cpu_threads`): the requested count, else torch's default, or 1 when the machine is
   already busy (1-minute load average >= cores): OpenMP regions wait for every thread, and a descheduled
-  thread stalls each one.
+  thread stalls each one. The CLI sets it for the process; ``fastdiff.sample`` on the CPU applies it for
+  the call (:func:`cpu_threads_for_call`) and gives torch its own setting back.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -30,6 +31,7 @@ __all__ = [
     "as_dtype",
     "cpu_has_native_bf16",
     "cpu_threads",
+    "cpu_threads_for_call",
     "default_dtype",
     "module_device",
     "module_dtype",
@@ -126,3 +128,17 @@ def cpu_threads(requested: Optional[int] = None) -> int:
     except OSError:
         busy = False
     return 1 if busy else torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def cpu_threads_for_call(requested: Optional[int] = None) -> Iterator[int]:
+    """Run a block with :func:`cpu_threads` intra-op threads and give torch its own setting back after."""
+    want = cpu_threads(requested)
+    old = torch.get_num_threads()
+    if want != old:
+        torch.set_num_threads(want)
+    try:
+        yield want
+    finally:
+        if torch.get_num_threads() != old:
+            torch.set_num_threads(old)

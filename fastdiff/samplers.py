@@ -4,33 +4,53 @@ The form (../shared/DESIGN.md, "Samplers as coefficient tables"). The state ``x`
 ``x = x0 + sigma * eps`` (:mod:`fastdiff.schedules`). A table is a list of *rows*; each row is one model
 evaluation at ``sigma[r]`` followed by one linear update:
 
-    m      = u + w (c - u)                       guided model output (eps | v | x0)
+    m      = u + w (c - u)                       guided model output (eps | v | x0 | flow)
     x0     = clip(p x + q m)                     p, q: the parameterisation at sigma[r] (from the Denoiser)
-    h_new  = e x + f x0                          the sampler's history form: x0 (e=0, f=1) or d=(x-x0)/sigma
+    h_new  = h_x x + h_x0 x0 + h_m m             what the row keeps: x0, d = (x - x0)/sigma, the flow
+                                                 velocity (x - (1 + sigma) x0)/sigma, the state, the raw
+                                                 output, or any mix (diffusers' stored first-stage state)
     x_next = a x + g m + b0 h_new + sum_s b_s H[s] + c noise
 
 ``H`` is a ring of ``num_slots`` earlier history entries; each row may store ``h_new`` in one slot.
-Multi-stage steps (Heun, DPM-2, DPM-Solver++(2S)) are extra rows. The coefficient ``g`` carries
-diffusers' DDIM direction, which uses the *unclipped* eps. Everything is built in float64 on the host.
+Multi-stage steps (Heun, DPM-2, DPM-Solver++(2S), singlestep DPM-Solver) are extra rows. The coefficient
+``g`` carries an *unclipped* eps direction (diffusers' DDIM). Everything is built in float64 on the host.
+
+Frames. :func:`pack_table` turns the sigma-view rows into the frame the state is carried in: the sigma view
+(k-diffusion, Euler), the VP model frame ``x / sqrt(1 + sigma^2)`` (diffusers' DDPM/DDIM/DPM-Solver/UniPC)
+or the flow model frame ``x / (1 + sigma)`` (flow matching). A flow run starts at flow time 1, which is
+``sigma = inf``: the first row of a table may have ``sigma = inf``, and on such a row ``a`` and ``h_x`` (and
+the Denoiser's ``p``) are coefficients on the unit-noise state ``x / sigma``, which is what the VP and flow
+frames hold there (the sigma view cannot start at inf). Builders that need a finite start say so.
 
 Sampler builders (all: ``builder(sigmas, *, timesteps=None, **options) -> SamplerTable``; ``sigmas`` is a
-decreasing float array of length steps + 1 whose last entry may be 0; ``timesteps`` optionally gives the
-model timestep at ``sigmas[k]``, else the Denoiser's schedule maps sigma to timestep):
+decreasing float array of length steps + 1 whose last entry may be 0 (and first may be inf where noted);
+``timesteps`` optionally gives the model timestep at ``sigmas[k]``, else the Denoiser's schedule maps sigma to
+timestep):
 
 =========================  ===================================================================
-``ddpm``                   Ho et al. 2020, Eq. 6-7 (ancestral posterior); variance as guided-diffusion
-``ddim``                   Song et al. 2021 (DDIM), Eq. 12 with eta
-``euler``                  Karras et al. 2022, Algorithm 2 without churn
-``euler_ancestral``        k-diffusion ``sample_euler_ancestral``
-``heun``                   Karras et al. 2022, Algorithm 2 (Heun's 2nd order correction)
+``ddpm``                   Ho et al. 2020, Eq. 6-7 (ancestral posterior); variance as guided-diffusion (inf)
+``ddim``                   Song et al. 2021 (DDIM), Eq. 12 with eta (inf)
+``euler``                  Karras et al. 2022, Algorithm 2 without churn; flow matching's Euler (inf)
+``euler_ancestral``        k-diffusion ``sample_euler_ancestral`` (inf)
+``lcm``                    x0 re-noised to the next level (Song et al. 2023, consistency models, Alg. 1;
+                           diffusers' FlowMatchEuler ``stochastic_sampling``; k-diffusion ``sample_lcm``) (inf)
+``heun``                   Karras et al. 2022, Algorithm 2; ``time="flow"``: Heun in flow time (inf)
 ``dpm_2``                  k-diffusion ``sample_dpm_2`` (DPM-Solver-2, Lu et al. 2022, Alg. 1, r = 1/2)
+``dpm_2_ancestral``        k-diffusion ``sample_dpm_2_ancestral``
+``dpm_solver``             singlestep DPM-Solver of orders 1-3 (Lu et al. 2022, Alg. 1-2; k-diffusion
+                           ``DPMSolver.dpm_solver_fast``)
 ``lms``                    linear multistep in sigma (k-diffusion ``sample_lms``), order 4
-``dpmpp_2m``               Lu et al. 2022b (DPM-Solver++), Algorithm 2
+``dpmpp_2m``               Lu et al. 2022b (DPM-Solver++), Algorithm 2 (inf)
 ``dpmpp_2s_ancestral``     Lu et al. 2022b, Algorithm 1 (r = 1/2) with ancestral noise
-``dpmpp_2m_sde``           DPM-Solver++(2M) SDE (k-diffusion ``sample_dpmpp_2m_sde``)
+``dpmpp_sde``              DPM-Solver++ (stochastic, two stages; k-diffusion ``sample_dpmpp_sde``)
+``dpmpp_2m_sde``           DPM-Solver++(2M) SDE (k-diffusion ``sample_dpmpp_2m_sde``) (inf)
 ``dpmpp_3m_sde``           DPM-Solver++(3M) SDE (k-diffusion ``sample_dpmpp_3m_sde``)
-``unipc``                  Zhao et al. 2023 (UniPC), Algorithm 2/3, B(h) = expm1(h) ("bh2")
+``unipc``                  Zhao et al. 2023 (UniPC), Algorithm 2/3, B(h) = expm1(h) ("bh2") (inf)
+``dpm_multistep``          diffusers' multistep DPM-Solver(++), orders 1-3, ODE and SDE forms (inf for ++)
+``deis``                   Zhang & Chen 2023 (DEIS), log-rho multistep, orders 1-3
 =========================  ===================================================================
+
+(inf): the first sigma may be inf (a flow run from pure noise, or a zero-terminal-SNR VP schedule).
 
 The loop :func:`sample_loop` walks a table: per row one batched model call (cond and uncond halves), the
 noise for that row from a generator per sample, and one fused update ``fastdiff.ops.sampler_step``. The
@@ -39,6 +59,8 @@ table, the timesteps and the row index live on the device; the loop reads no ten
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Optional, Sequence
@@ -47,7 +69,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.schedules import sigma_to_alpha
+from fastdiff.schedules import frame_scale, sigma_to_alpha
 
 __all__ = [
     "SAMPLERS",
@@ -60,8 +82,16 @@ __all__ = [
     "ddim",
     "euler",
     "euler_ancestral",
+    "lcm",
     "heun",
     "dpm_2",
+    "dpm_2_ancestral",
+    "dpm_solver",
+    "dpmpp_sde",
+    "dpm_multistep",
+    "deis",
+    "concat_tables",
+    "lenient",
     "lms",
     "dpmpp_2m",
     "dpmpp_2s_ancestral",
@@ -87,7 +117,8 @@ class SamplerTable:
 
     Attributes:
         name: sampler name.
-        history: ``"x0"`` (h = x0) or ``"d"`` (h = (x - x0) / sigma).
+        history: the usual history form (``"x0"``, ``"d"``, ``"velocity"``, ``"state"``, ``"model"``, or
+            ``"mixed"``); the per-row truth is ``h_x, h_x0, h_m``.
         num_slots: ring size S of the history buffer (>= 1).
         sigma: (R,) sigma the model is evaluated at (also the sigma of the row's input state).
         sigma_next: (R,) sigma of the row's output state.
@@ -99,6 +130,12 @@ class SamplerTable:
         lv_lo, lv_hi: (R,) learned-range log-variance bounds (``ddpm(variance="learned_range")``), else 0:
             the noise coefficient is then ``c * exp((lv_lo + (v + 1) / 2 (lv_hi - lv_lo)) / 2)``.
         learned_range: whether the table expects the model's variance output.
+        h_x, h_x0, h_m: (R,) the history entry ``h_new = h_x x + h_x0 x0 + h_m m`` (sigma view; on a row at
+            sigma = inf, ``h_x`` multiplies ``x / sigma``). None: from ``history``.
+        g_m: (R,) coefficient on the raw model output m in x_next (0 for most samplers).
+        frame: the state frame the coefficients on x (``a``, ``h_x``) and into x_next (``b_new``, ``b_slots``,
+            ``c``, ``g_eps``, ``g_m``) are written in: ``"sigma"`` (every builder here), or ``"vp"`` / ``"flow"`` for
+            rows built in a model frame (diffusers' own formulas, "alpha form"; see :func:`pack_table`).
     """
 
     name: str
@@ -118,6 +155,19 @@ class SamplerTable:
     lv_hi: np.ndarray
     learned_range: bool = False
     options: dict = field(default_factory=dict)
+    h_x: Optional[np.ndarray] = None
+    h_x0: Optional[np.ndarray] = None
+    h_m: Optional[np.ndarray] = None
+    g_m: Optional[np.ndarray] = None
+    frame: str = "sigma"
+
+    def __post_init__(self):
+        if self.g_m is None:
+            self.g_m = np.zeros(self.num_rows)
+        if self.h_x is None:
+            forms = [_history_coefficients(self.history, float(s)) for s in self.sigma]
+            self.h_x, self.h_x0, self.h_m = (np.asarray([f[k] for f in forms], dtype=np.float64)
+                                             for k in range(3))
 
     @property
     def num_rows(self) -> int:
@@ -136,17 +186,60 @@ class SamplerTable:
         return replace(self, timestep=np.asarray(timestep, dtype=np.float64))
 
 
+HISTORY_FORMS = ("x0", "d", "velocity", "state", "model")
+
+
+def _history_coefficients(form: str, sigma: float) -> tuple:
+    """``(h_x, h_x0, h_m)`` of a history form at sigma (``h_x`` on ``x / sigma`` where sigma is inf)."""
+    inf = math.isinf(sigma)
+    if form == "x0":
+        return 0.0, 1.0, 0.0
+    if form == "d":  # (x - x0) / sigma: Karras' ODE derivative, the eps of the row
+        return (1.0, 0.0, 0.0) if inf else (1.0 / sigma, -1.0 / sigma, 0.0)
+    if form == "velocity":  # flow velocity in flow time: (x_s - x0) / s in the flow frame
+        return (1.0, -1.0, 0.0) if inf else (1.0 / sigma, -(1.0 + sigma) / sigma, 0.0)
+    if form == "state":
+        if inf:
+            raise ValueError("the state at sigma = inf is not finite in the sigma view")
+        return 1.0, 0.0, 0.0
+    if form == "model":
+        return 0.0, 0.0, 1.0
+    raise ValueError(f"history form must be one of {HISTORY_FORMS}, got {form!r}")
+
+
+def _ratio(num: float, sigma: float) -> float:
+    """``num / sigma``, or ``num`` where sigma is inf (the coefficient then multiplies ``x / sigma``)."""
+    return num if math.isinf(sigma) else num / sigma
+
+
+_LENIENT = contextvars.ContextVar("fastdiff_lenient_sigmas", default=False)
+
+
+@contextlib.contextmanager
+def lenient():
+    """Inside, sigmas need not decrease (a repeated sigma is a step that does not lower it) and a degenerate
+    row comes out non-finite instead of raising: for the diffusers drop-ins, whose schedules may hold rows a
+    run never reaches (repeated integer timesteps, a zero-terminal-SNR training grid); they check each row
+    they use."""
+    token = _LENIENT.set(True)
+    try:
+        with np.errstate(all="ignore"):
+            yield
+    finally:
+        _LENIENT.reset(token)
+
+
 def _check_sigmas(sigmas) -> np.ndarray:
     if isinstance(sigmas, Tensor):
         sigmas = sigmas.detach().cpu().double().numpy()
     s = np.asarray(sigmas, dtype=np.float64)
     if s.ndim != 1 or s.shape[0] < 2:
         raise ValueError(f"sigmas must be a 1-D array of length steps + 1 >= 2, got shape {s.shape}")
-    if not np.all(np.isfinite(s)) or np.any(s < 0):
-        raise ValueError("sigmas must be finite and >= 0")
+    if np.any(np.isnan(s)) or np.any(np.isinf(s[1:])) or np.any(s < 0):
+        raise ValueError("sigmas must be finite (the first may be inf) and >= 0")
     if np.any(s[:-1] <= 0):
         raise ValueError("only the last entry of sigmas may be 0")
-    if np.any(np.diff(s) >= 0):
+    if not _LENIENT.get() and (np.any(np.diff(s[1:]) >= 0) or not s[0] > s[1]):
         raise ValueError("sigmas must be strictly decreasing")
     return s
 
@@ -174,6 +267,7 @@ class _Rows:
         self.ts = _check_timesteps(timesteps, self.sig.shape[0])
         self.options = options
         self.rows: list = []
+        self.hists: list = []
         self.written = 0
 
     @property
@@ -183,9 +277,20 @@ class _Rows:
     def t(self, k: int) -> float:
         return float(self.ts[k])
 
+    def finite_start(self) -> None:
+        """For builders whose rows need a finite first sigma."""
+        if math.isinf(self.sig[0]):
+            raise ValueError(f"sampler {self.name!r} cannot start at sigma = inf (flow time 1, zero terminal "
+                             "SNR); use euler, euler_ancestral, lcm, heun, ddim, ddpm, dpmpp_2m, dpmpp_2m_sde "
+                             "or unipc, or a schedule that starts below inf")
+
     def add(self, step: int, sigma: float, sigma_next: float, *, a: float = 0.0, b_new: float = 0.0,
             lags: Optional[Dict[int, float]] = None, g_eps: float = 0.0, c: float = 0.0, write: bool = True,
-            timestep: float = math.nan, lv=(0.0, 0.0)) -> None:
+            timestep: float = math.nan, lv=(0.0, 0.0), hist=None, g_m: float = 0.0) -> None:
+        """One row. ``hist``: the entry's form name or ``(h_x, h_x0, h_m)`` (default: the table's form)."""
+        if hist is None or isinstance(hist, str):
+            hist = _history_coefficients(hist or self.history, float(sigma))
+        self.hists.append(tuple(float(v) for v in hist) + (float(g_m),))
         b_slots = np.zeros(self.num_slots)
         for lag, coef in (lags or {}).items():
             if coef == 0:
@@ -206,7 +311,9 @@ class _Rows:
             name=self.name, history=self.history, num_slots=self.num_slots, sigma=f64(0), sigma_next=f64(1),
             timestep=f64(2), step=np.asarray(cols[3], dtype=np.int64), a=f64(4), g_eps=f64(5), b_new=f64(6),
             c=f64(7), b_slots=np.stack(cols[8]).astype(np.float64), write_slot=np.asarray(cols[9], np.int64),
-            lv_lo=f64(10), lv_hi=f64(11), learned_range=learned_range, options=dict(self.options))
+            lv_lo=f64(10), lv_hi=f64(11), learned_range=learned_range, options=dict(self.options),
+            h_x=np.asarray([h[0] for h in self.hists]), h_x0=np.asarray([h[1] for h in self.hists]),
+            h_m=np.asarray([h[2] for h in self.hists]), g_m=np.asarray([h[3] for h in self.hists]))
 
 
 def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
@@ -217,7 +324,10 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
     """
     if not eta:
         return sigma_next, 0.0
-    var = max(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2, 0.0)
+    if math.isinf(sigma):
+        var = sigma_next ** 2
+    else:
+        var = max(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2, 0.0)
     up = min(sigma_next, eta * math.sqrt(var))
     return math.sqrt(max(sigma_next ** 2 - up ** 2, 0.0)), up
 
@@ -231,12 +341,13 @@ def euler(sigmas, *, timesteps=None) -> SamplerTable:
     """Euler steps, Karras et al. (2022), Algorithm 2 with S_churn = 0 (lines 5-8).
 
     ``x' = x + (sigma' - sigma) d`` with ``d = (x - x0) / sigma``,
-    i.e. ``(sigma'/sigma) x + (1 - sigma'/sigma) x0``.
+    i.e. ``(sigma'/sigma) x + (1 - sigma'/sigma) x0``. In a flow frame this is flow matching's Euler step
+    ``x_s' = x_s + (s' - s) v`` (the same step), and it may start at sigma = inf (s = 1).
     """
     rb = _Rows("euler", "x0", 1, sigmas, timesteps)
     for i in range(rb.steps):
         s, sn = rb.sig[i], rb.sig[i + 1]
-        rb.add(i, s, sn, a=sn / s, b_new=1 - sn / s, timestep=rb.t(i))
+        rb.add(i, s, sn, a=_ratio(sn, s), b_new=1 - sn / s, timestep=rb.t(i))
     return rb.build()
 
 
@@ -250,23 +361,60 @@ def euler_ancestral(sigmas, *, eta: float = 1.0, s_noise: float = 1.0, timesteps
     for i in range(rb.steps):
         s, sn = rb.sig[i], rb.sig[i + 1]
         sd, su = ancestral_step(s, sn, eta)
-        rb.add(i, s, sn, a=sd / s, b_new=1 - sd / s, c=su * s_noise if sn > 0 else 0.0, timestep=rb.t(i))
+        rb.add(i, s, sn, a=_ratio(sd, s), b_new=1 - sd / s, c=su * s_noise if sn > 0 else 0.0,
+               timestep=rb.t(i))
     return rb.build()
 
 
-def heun(sigmas, *, timesteps=None) -> SamplerTable:
-    """Heun's second-order method, Karras et al. (2022), Algorithm 2 (lines 9-11), S_churn = 0.
+def lcm(sigmas, *, s_noise: float = 1.0, timesteps=None) -> SamplerTable:
+    """Each step denoises and noises the estimate back to the next level: ``x' = x0 + sigma' noise``.
 
-    Row 1: ``x2 = x + dt d1``; row 2 (at sigma'): ``x' = x + dt (d1 + d2) / 2 = x2 - dt/2 d1 + dt/2 d2``.
-    The last step into sigma = 0 is a plain Euler step. History form d.
+    Song et al. (2023), "Consistency Models", Algorithm 1 (multistep sampling), as latent consistency models
+    sample (k-diffusion ``sample_lcm``); in a flow frame it is diffusers' FlowMatchEuler with
+    ``stochastic_sampling`` (``x_s' = (1 - s') x0 + s' noise``). No noise into sigma 0.
     """
-    rb = _Rows("heun", "d", 1, sigmas, timesteps)
+    rb = _Rows("lcm", "x0", 1, sigmas, timesteps, s_noise=s_noise)
     for i in range(rb.steps):
         s, sn = rb.sig[i], rb.sig[i + 1]
-        dt = sn - s
-        rb.add(i, s, sn, a=1.0, b_new=dt, write=sn != 0, timestep=rb.t(i))
-        if sn != 0:
-            rb.add(i, sn, sn, a=1.0, b_new=dt / 2, lags={1: -dt / 2}, write=False, timestep=rb.t(i + 1))
+        rb.add(i, s, sn, a=0.0, b_new=1.0, c=sn * s_noise, write=False, timestep=rb.t(i))
+    return rb.build()
+
+
+HEUN_TIMES = ("sigma", "flow")
+
+
+def heun(sigmas, *, time: str = "sigma", timesteps=None) -> SamplerTable:
+    """Heun's second-order method, Karras et al. (2022), Algorithm 2 (lines 9-11), S_churn = 0.
+
+    ``time="sigma"``: the derivative is ``d = (x - x0) / sigma`` in the sigma view (k-diffusion, diffusers'
+    HeunDiscrete). ``time="flow"``: the derivative is the flow velocity ``v = (x_s - x0) / s`` in flow time
+    ``s = sigma / (1 + sigma)`` (diffusers' FlowMatchHeun); this one may start at s = 1.
+    Row 1 keeps ``H = x + dt/2 d1`` (what the step's end needs of its start) and gives ``x2 = x + dt d1 =
+    2H - x``; row 2 (at sigma') gives ``x' = H + dt/2 d2``. Built on the kept H, the second stage uses the
+    first stage's own state even if the caller passes another one (as diffusers does). The last step into
+    sigma = 0 is an Euler step (x0).
+    """
+    if time not in HEUN_TIMES:
+        raise ValueError(f"time must be one of {HEUN_TIMES}, got {time!r}")
+    rb = _Rows("heun", "mixed", 1, sigmas, timesteps, time=time)
+    if time == "sigma":
+        rb.finite_start()
+    for i in range(rb.steps):
+        s, sn = rb.sig[i], rb.sig[i + 1]
+        if sn == 0:
+            rb.add(i, s, sn, a=0.0, b_new=1.0, write=False, hist="x0", timestep=rb.t(i))
+            continue
+        if time == "flow":  # state in flow time: x_tau = x / u, tau = sigma / u, u = 1 + sigma
+            u_n, tau_n = 1 + sn, sn / (1 + sn)
+            tau = 1.0 if math.isinf(s) else s / (1 + s)
+            x_in = 1.0 if math.isinf(s) else 1 / (1 + s)  # x_tau per x (per x / sigma at inf)
+        else:
+            u_n, tau, tau_n, x_in = 1.0, s, sn, 1.0
+        dt = tau_n - tau
+        k = dt / (2 * tau)
+        rb.add(i, s, sn, a=-u_n * x_in, b_new=2.0, hist=(u_n * (1 + k) * x_in, -u_n * k, 0.0), timestep=rb.t(i))
+        k2 = dt / (2 * tau_n)
+        rb.add(i, sn, sn, a=k2, b_new=-u_n * k2, lags={1: 1.0}, write=False, hist="x0", timestep=rb.t(i + 1))
     return rb.build()
 
 
@@ -278,16 +426,193 @@ def dpm_2(sigmas, *, timesteps=None) -> SamplerTable:
     The last step into sigma = 0 is an Euler step. History form d.
     """
     rb = _Rows("dpm_2", "d", 1, sigmas, timesteps)
+    rb.finite_start()
     for i in range(rb.steps):
         s, sn = rb.sig[i], rb.sig[i + 1]
         if sn == 0:
             rb.add(i, s, sn, a=1.0, b_new=sn - s, write=False, timestep=rb.t(i))
             continue
-        ls = math.log(s)
-        s_mid = math.exp(ls + 0.5 * (math.log(sn) - ls))
-        dt1, dt2 = s_mid - s, sn - s
-        rb.add(i, s, s_mid, a=1.0, b_new=dt1, timestep=rb.t(i))
-        rb.add(i, s_mid, sn, a=1.0, b_new=dt2, lags={1: -dt1}, write=False)
+        _dpm_2_rows(rb, i, s, sn, sn)
+    return rb.build()
+
+
+def _dpm_2_rows(rb, i: int, s: float, target: float, sigma_next: float, c: float = 0.0) -> None:
+    """DPM-Solver-2 from s to target (geometric midpoint), landing at sigma_next after noise c."""
+    ls = math.log(s)
+    s_mid = math.exp(ls + 0.5 * (math.log(target) - ls))
+    dt1, dt2 = s_mid - s, target - s
+    rb.add(i, s, s_mid, a=1.0, b_new=dt1, timestep=rb.t(i))
+    rb.add(i, s_mid, sigma_next, a=1.0, b_new=dt2, lags={1: -dt1}, write=False, c=c)
+
+
+def dpm_2_ancestral(sigmas, *, eta: float = 1.0, s_noise: float = 1.0, timesteps=None) -> SamplerTable:
+    """k-diffusion's ``sample_dpm_2_ancestral``: DPM-Solver-2 to sigma_down, then noise of std sigma_up.
+
+    Into sigma_down = 0 (the last step) an Euler step without noise.
+    """
+    rb = _Rows("dpm_2_ancestral", "d", 1, sigmas, timesteps, eta=eta, s_noise=s_noise)
+    rb.finite_start()
+    for i in range(rb.steps):
+        s, sn = rb.sig[i], rb.sig[i + 1]
+        sd, su = ancestral_step(s, sn, eta)
+        if sd == 0:
+            rb.add(i, s, sn, a=1.0, b_new=-s, write=False, timestep=rb.t(i))
+            continue
+        _dpm_2_rows(rb, i, s, sd, sn, c=su * s_noise)
+    return rb.build()
+
+
+def dpm_solver(sigmas, *, orders: Optional[Sequence[int]] = None, eta: float = 0.0, s_noise: float = 1.0,
+               target_sigmas=None, timesteps=None) -> SamplerTable:
+    """Singlestep DPM-Solver (Lu et al. 2022, Algorithm 1 (r1 = 1/2) and 2 (r1 = 1/3, r2 = 2/3)) on eps.
+
+    Step i goes from ``sigmas[i]`` to ``sigmas[i + 1]`` with ``orders[i]`` (1-3; default 3, and 1 into
+    sigma = 0, an Euler step) model calls at ``t + r h`` in ``t = -log sigma``; with ``eta`` each step lands
+    on sigma_down (no lower than the last sigma) and adds noise up to sigma' (k-diffusion
+    ``DPMSolver.dpm_solver_fast``). Rows: the first keeps eps, the second its own eps, so that the step's
+    end is a combination of its input, the step's calls and its start.
+    """
+    rb = _Rows("dpm_solver", "d", 2, sigmas, timesteps, eta=eta, s_noise=s_noise)
+    rb.finite_start()
+    orders = _check_orders(orders, rb.steps, 3) or [3 if sn > 0 else 1 for sn in rb.sig[1:]]
+    last = rb.sig[-1]
+    for i in range(rb.steps):
+        s, sn = rb.sig[i], rb.sig[i + 1]
+        c, tgt = 0.0, sn
+        if eta:
+            sd, _ = ancestral_step(s, sn, eta)
+            tgt = max(last, sd)
+            c = math.sqrt(max(sn * sn - tgt * tgt, 0.0)) * s_noise
+        order = orders[i]
+        if tgt == 0 and order > 1:
+            raise ValueError("dpm_solver: a step of order 2 or 3 cannot end at sigma = 0; use order 1 there")
+        if order == 1:
+            rb.add(i, s, sn, a=1.0, b_new=-(s - tgt), write=False, c=c, timestep=rb.t(i))
+            continue
+        h = math.log(s) - math.log(tgt)
+        if order == 2:
+            r1 = 0.5
+            s1 = s ** (1 - r1) * tgt ** r1
+            rb.add(i, s, s1, a=1.0, b_new=-(s - s1), timestep=rb.t(i))
+            k = (s - tgt) / (2 * r1)
+            rb.add(i, s1, sn, a=1.0, b_new=-k, lags={1: (tgt - s1) + k}, write=False, c=c)
+            continue
+        r1, r2 = 1 / 3, 2 / 3
+        s1, s2 = s ** (1 - r1) * tgt ** r1, s ** (1 - r2) * tgt ** r2
+        c2 = s2 * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1)
+        c3 = tgt / r2 * (math.expm1(h) / h - 1)
+        rb.add(i, s, s1, a=1.0, b_new=-(s - s1), timestep=rb.t(i))                  # keeps eps0
+        rb.add(i, s1, s2, a=1.0, b_new=-c2, lags={1: (s2 - s1) + c2})            # keeps eps_r1
+        rb.add(i, s2, sn, a=1.0, b_new=-c3, lags={1: c2, 2: (tgt - s2) - c2 + c3}, write=False, c=c)
+    return rb.build()
+
+
+DPM_ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
+
+
+def dpm_multistep(sigmas, *, orders: Optional[Sequence[int]] = None, algorithm_type: str = "dpmsolver++",
+                  solver_type: str = "midpoint", timesteps=None) -> SamplerTable:
+    """Multistep DPM-Solver of orders 1-3 as diffusers' DPMSolverMultistepScheduler computes it, in the sigma
+    view (lambda = -log sigma, h = lambda' - lambda): Lu et al. (2022b), Algorithms 2-3 (``dpmsolver++``:
+    the history is x0, ``x' = (sigma'/sigma) x + ...``), Lu et al. (2022), Sec. 3.3 (``dpmsolver``: the history
+    is eps = d, ``x' = x - (sigma - sigma') eps + ...``), and their SDE forms (Lu et al. 2022b, Sec. 5; Gonzalez
+    et al. 2023) with noise ``sigma' sqrt(1 - e^{-2h})`` (``sde-dpmsolver++``) or ``sqrt(sigma^2 - sigma'^2)``
+    (``sde-dpmsolver``). ``orders`` gives each step's order (the warm-up and final-step rules are the
+    caller's; default: second order after the first step, first order into sigma = 0); ``solver_type``
+    ("midpoint" | "heun") picks the second-order correction.
+    """
+    if algorithm_type not in DPM_ALGORITHMS:
+        raise ValueError(f"algorithm_type must be one of {DPM_ALGORITHMS}, got {algorithm_type!r}")
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+    data = algorithm_type.endswith("++")
+    sde = algorithm_type.startswith("sde")
+    rb = _Rows("dpm_multistep", "x0" if data else "d", 2, sigmas, timesteps, algorithm_type=algorithm_type,
+               solver_type=solver_type)
+    if orders is None:
+        orders = [1 if i == 0 or rb.sig[i + 1] == 0 else 2 for i in range(rb.steps)]
+    orders = _check_orders(orders, rb.steps, 2 if sde and not data else 3)
+    if not data:
+        rb.finite_start()
+    sig = rb.sig
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lam = -np.log(sig)
+    for i in range(rb.steps):
+        s, sn, k = sig[i], sig[i + 1], orders[i]
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            row = _dpm_multistep_row(lam, i, s, sn, k, data, sde, solver_type)
+        rb.add(i, s, sn, **row, timestep=rb.t(i))
+    return rb.build()
+
+
+def _dpm_multistep_row(lam, i, s, sn, k, data, sde, solver_type) -> dict:
+    """One row of :func:`dpm_multistep` (numpy scalars: a repeated sigma gives inf, not an error)."""
+    h = lam[i + 1] - lam[i]
+    if data:
+        em = np.expm1(-h)                       # e^{-h} - 1
+        e2 = -np.expm1(-2.0 * h)                # 1 - e^{-2h}
+        a = _ratio(sn, s) * (np.exp(-h) if sde else 1.0)
+        c0 = e2 if sde else -em
+        c1_mid = 0.5 * c0
+        c1_heun = e2 / (-2.0 * h) + 1.0 if sde else em / h + 1.0
+        c2 = ((e2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5) if sde else -((em + h) / h ** 2 - 0.5)
+        noise = sn * np.sqrt(e2) if sde else 0.0
+    else:  # sigma' (e^h - 1) = sigma - sigma': finite into sigma' = 0
+        d = s - sn
+        a = 1.0
+        c0 = -2.0 * d if sde else -d
+        c1_mid = -d if sde else -0.5 * d
+        c1_heun = -2.0 * (d / h - sn) if sde else -(d / h - sn)
+        c2 = -((d - sn * h) / h ** 2 - 0.5 * sn)
+        noise = np.sqrt(max(s * s - sn * sn, 0.0)) if sde else 0.0
+    vec = np.array([c0, 0.0, 0.0])  # on (m0, m1, m2): the entries of steps i, i-1, i-2
+    if k >= 2:
+        r0 = (lam[i] - lam[i - 1]) / h
+        d1_0 = np.array([1.0, -1.0, 0.0]) / r0
+        if k == 2:
+            vec = vec + (c1_mid if solver_type == "midpoint" else c1_heun) * d1_0
+        else:
+            r1 = (lam[i - 1] - lam[i - 2]) / h
+            d1_1 = np.array([0.0, 1.0, -1.0]) / r1
+            d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            vec = vec + c1_heun * d1 + c2 * d2
+    return dict(a=float(a), b_new=float(vec[0]), lags={1: float(vec[1]), 2: float(vec[2])}, c=float(noise))
+
+
+def deis(sigmas, *, orders: Optional[Sequence[int]] = None, timesteps=None) -> SamplerTable:
+    """DEIS multistep (Zhang & Chen 2023, "Fast Sampling of Diffusion Models with Exponential Integrator"),
+    the log-rho variant diffusers' DEISMultistepScheduler implements: in the sigma view (rho = sigma) with
+    history eps = d, ``x' = x + sum_j C_j eps_{i-j}``, ``C_j`` the integral over [rho, rho'] of the Lagrange
+    basis polynomial in log rho through the last ``orders[i]`` rhos (default: third order after the warm-up,
+    first order into sigma = 0). First order is DDIM.
+    """
+    rb = _Rows("deis", "d", 2, sigmas, timesteps)
+    if orders is None:
+        orders = [1 if rb.sig[i + 1] == 0 else min(i + 1, 3) for i in range(rb.steps)]
+    orders = _check_orders(orders, rb.steps, 3)
+    rb.finite_start()
+    sig = rb.sig
+    for i in range(rb.steps):
+        k = orders[i]
+        t, b = sig[i + 1], sig[i]
+        if k == 1:
+            vec = [-(b - t), 0.0, 0.0]
+        elif k == 2:
+            c = sig[i - 1]
+            ind = lambda x, p, q: x * (-np.log(q) + np.log(x) - 1) / (np.log(p) - np.log(q))
+            vec = [ind(t, b, c) - ind(b, b, c), ind(t, c, b) - ind(b, c, b), 0.0]
+        else:
+            c, d = sig[i - 1], sig[i - 2]
+
+            def ind(x, p, q, r):
+                lx, lq, lr = np.log(x), np.log(q), np.log(r)
+                return x * (lq * (lr - lx + 1) - lr * lx + lr + lx ** 2 - 2 * lx + 2) / \
+                    ((np.log(p) - lq) * (np.log(p) - lr))
+
+            vec = [ind(t, b, c, d) - ind(b, b, c, d), ind(t, c, d, b) - ind(b, c, d, b),
+                   ind(t, d, b, c) - ind(b, d, b, c)]
+        rb.add(i, b, t, a=1.0, b_new=float(vec[0]), lags={1: float(vec[1]), 2: float(vec[2])}, timestep=rb.t(i))
     return rb.build()
 
 
@@ -317,6 +642,7 @@ def lms(sigmas, *, order: int = 4, timesteps=None) -> SamplerTable:
     if not isinstance(order, int) or order < 1:
         raise ValueError(f"order must be an int >= 1, got {order!r}")
     rb = _Rows("lms", "d", order - 1, sigmas, timesteps, order=order)
+    rb.finite_start()
     for i in range(rb.steps):
         cur = min(i + 1, order)
         co = _lms_coefficients(rb.sig, i, cur)
@@ -333,6 +659,8 @@ def dpmpp_2m(sigmas, *, solver_type: str = "midpoint", orders: Optional[Sequence
     ``(1 + 1/(2r)) x0 - 1/(2r) x0_prev`` ("midpoint", k-diffusion) with ``r = h_prev / h``; diffusers'
     ``solver_type="heun"`` adds ``(expm1(-h)/h + 1) (x0 - x0_prev) / r`` to ``-expm1(-h) x0`` instead.
     ``orders`` (per step, 1 or 2) overrides the default: first order at the first step and into sigma = 0.
+    From sigma = inf the first step is x0 plus sigma' times the unit noise, and the second step is first
+    order (its r is infinite).
     """
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
@@ -346,12 +674,12 @@ def dpmpp_2m(sigmas, *, solver_type: str = "midpoint", orders: Optional[Sequence
         if sn == 0:
             rb.add(i, s, sn, a=0.0, b_new=1.0, timestep=rb.t(i))
             continue
-        h = math.log(s) - math.log(sn)
+        h = np.log(s) - np.log(sn)
         phi = -math.expm1(-h)
         if order == 1:
-            rb.add(i, s, sn, a=sn / s, b_new=phi, timestep=rb.t(i))
+            rb.add(i, s, sn, a=_ratio(sn, s), b_new=phi, timestep=rb.t(i))
             continue
-        r = (math.log(rb.sig[i - 1]) - math.log(s)) / h
+        r = (np.log(rb.sig[i - 1]) - np.log(s)) / h
         k = 0.5 * phi / r if solver_type == "midpoint" else (math.expm1(-h) / h + 1.0) / r
         rb.add(i, s, sn, a=sn / s, b_new=phi + k, lags={1: -k}, timestep=rb.t(i))
     return rb.build()
@@ -373,6 +701,7 @@ def dpmpp_2s_ancestral(sigmas, *, eta: float = 1.0, s_noise: float = 1.0, timest
     row 2 ``x' = (sd/s) x - expm1(-h) x0_2 + su noise``, with x written through x2 and x0 of row 1.
     """
     rb = _Rows("dpmpp_2s_ancestral", "x0", 1, sigmas, timesteps, eta=eta, s_noise=s_noise)
+    rb.finite_start()
     for i in range(rb.steps):
         s, sn = rb.sig[i], rb.sig[i + 1]
         sd, su = ancestral_step(s, sn, eta)
@@ -386,6 +715,34 @@ def dpmpp_2s_ancestral(sigmas, *, eta: float = 1.0, s_noise: float = 1.0, timest
         rb.add(i, s, s_mid, a=s_mid / s, b_new=-e_half, timestep=rb.t(i))
         rb.add(i, s_mid, sn, a=sd / s_mid, b_new=-math.expm1(-h), lags={1: sd / s_mid * e_half}, c=c,
                write=False)
+    return rb.build()
+
+
+def dpmpp_sde(sigmas, *, eta: float = 1.0, s_noise: float = 1.0, r: float = 0.5, timesteps=None) -> SamplerTable:
+    """DPM-Solver++ (stochastic), k-diffusion ``sample_dpmpp_sde`` (Lu et al. 2022b with ancestral noise).
+
+    Per step, in ``t = -log sigma``: stage 1 goes to the ancestral sigma_down of ``t + r h`` with x0 and adds
+    noise (row 1, on the unclipped eps); stage 2 goes from the step's start to the sigma_down of sigma' with
+    ``(1 - 1/(2r)) x0 + 1/(2r) x0_2`` and adds noise (row 2, built on what row 1 kept of the start). Into
+    sigma = 0 an Euler step. Two noise draws per step: rows 1 and 2.
+    """
+    if not r > 0:
+        raise ValueError(f"r must be > 0, got {r!r}")
+    rb = _Rows("dpmpp_sde", "mixed", 1, sigmas, timesteps, eta=eta, s_noise=s_noise, r=r)
+    rb.finite_start()
+    fac = 1 / (2 * r)
+    for i in range(rb.steps):
+        s, sn = rb.sig[i], rb.sig[i + 1]
+        if sn == 0:
+            rb.add(i, s, sn, a=0.0, b_new=1.0, write=False, hist="x0", timestep=rb.t(i))
+            continue
+        s_mid = math.exp(math.log(s) + r * (math.log(sn) - math.log(s)))
+        sd1, su1 = ancestral_step(s, s_mid, eta)
+        sd2, su2 = ancestral_step(s, sn, eta)
+        keep = (sd2 / s, (1 - sd2 / s) * (1 - fac), 0.0)  # the start's share of the step's end
+        rb.add(i, s, s_mid, a=1.0, g_eps=-(s - sd1), c=su1 * s_noise, hist=keep, timestep=rb.t(i))
+        rb.add(i, s_mid, sn, a=0.0, b_new=(1 - sd2 / s) * fac, lags={1: 1.0}, c=su2 * s_noise, write=False,
+               hist="x0")
     return rb.build()
 
 
@@ -406,8 +763,8 @@ def dpmpp_2m_sde(sigmas, *, eta: float = 1.0, s_noise: float = 1.0, solver_type:
         if sn == 0:
             rb.add(i, s, sn, a=0.0, b_new=1.0, timestep=rb.t(i))
             continue
-        h = math.log(s) - math.log(sn)
-        eta_h = eta * h
+        h = np.log(s) - np.log(sn)
+        eta_h = eta * h if eta else 0.0
         base = -math.expm1(-h - eta_h)
         lags, b_new = {}, base
         if i > 0 and h_last is not None:
@@ -415,7 +772,7 @@ def dpmpp_2m_sde(sigmas, *, eta: float = 1.0, s_noise: float = 1.0, solver_type:
             k = 0.5 * base / r if solver_type == "midpoint" else (base / (-h - eta_h) + 1) / r
             b_new, lags = base + k, {1: -k}
         c = sn * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise if eta else 0.0
-        rb.add(i, s, sn, a=sn / s * math.exp(-eta_h), b_new=b_new, lags=lags, c=c, timestep=rb.t(i))
+        rb.add(i, s, sn, a=_ratio(sn, s) * math.exp(-eta_h), b_new=b_new, lags=lags, c=c, timestep=rb.t(i))
         h_last = h
     return rb.build()
 
@@ -428,6 +785,7 @@ def dpmpp_3m_sde(sigmas, *, eta: float = 1.0, s_noise: float = 1.0, timesteps=No
     with D1, D2 the divided differences of the last three x0 (second order at step 1, first at step 0).
     """
     rb = _Rows("dpmpp_3m_sde", "x0", 2, sigmas, timesteps, eta=eta, s_noise=s_noise)
+    rb.finite_start()
     h1 = h2 = None
     for i in range(rb.steps):
         s, sn = rb.sig[i], rb.sig[i + 1]
@@ -464,6 +822,7 @@ def ddim(sigmas, *, eta: float = 0.0, eps_from: str = "raw", target_sigmas=None,
     ``"x0"`` recomputes it from the clipped x0 (guided-diffusion, diffusers ``use_clipped_model_output``).
     ``target_sigmas`` (steps,) is the sigma each step lands on when that differs from the next step's sigma
     (diffusers' DDIM steps to ``t - N // steps``); the model-frame state ``sqrt(abar) x`` is carried over.
+    From sigma = inf (zero terminal SNR) eps is the unit-noise state itself.
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
@@ -480,7 +839,7 @@ def ddim(sigmas, *, eta: float = 0.0, eps_from: str = "raw", target_sigmas=None,
         if eps_from == "raw":
             rb.add(i, s, nxt, a=0.0, b_new=k, g_eps=k * sd, c=k * su, timestep=rb.t(i))
         else:
-            rb.add(i, s, nxt, a=k * sd / s, b_new=k * (1 - sd / s), c=k * su, timestep=rb.t(i))
+            rb.add(i, s, nxt, a=k * _ratio(sd, s), b_new=k * (1 - sd / s), c=k * su, timestep=rb.t(i))
     return rb.build()
 
 
@@ -497,19 +856,23 @@ def ddpm(sigmas, *, variance: str = "fixed_small", final_noise: bool = False, ti
     = ``exp(v' log beta + (1-v') log posterior)`` with ``v' = (v + 1)/2`` from the model's second output half.
     No noise into sigma = 0 (guided-diffusion), unless ``final_noise``: diffusers' DDPMScheduler adds the
     step's variance whenever the timestep is > 0, which with trailing spacing or ``steps_offset`` includes
-    the last step (``fixed_large`` then adds noise of variance ``1 - abar`` at the end).
+    the last step (``fixed_large`` then adds noise of variance ``1 - abar`` at the end). From sigma = inf
+    (abar = 0, zero terminal SNR) beta is 1 and the step keeps none of x.
     """
     if variance not in DDPM_VARIANCES:
         raise ValueError(f"variance must be one of {DDPM_VARIANCES}, got {variance!r}")
     rb = _Rows("ddpm", "x0", 1, sigmas, timesteps, variance=variance, final_noise=final_noise)
     for i in range(rb.steps):
         s, sn = rb.sig[i], rb.sig[i + 1]
-        beta = (s * s - sn * sn) / (1 + s * s)  # 1 - abar/abar'
-        one_m_abar = s * s / (1 + s * s)
         one_m_abar_n = sn * sn / (1 + sn * sn)
         to_frame = math.sqrt(1 + sn * sn)  # 1 / sqrt(abar'): model frame -> sigma view at sn
+        if math.isinf(s):
+            beta, one_m_abar, a = 1.0, 1.0, 0.0
+        else:
+            beta = (s * s - sn * sn) / (1 + s * s)  # 1 - abar/abar'
+            one_m_abar = s * s / (1 + s * s)
+            a = math.sqrt(1 - beta) * one_m_abar_n / one_m_abar * to_frame / math.sqrt(1 + s * s)
         b_new = beta / one_m_abar  # sqrt(abar') beta / (1 - abar), over sqrt(abar')
-        a = math.sqrt(1 - beta) * one_m_abar_n / one_m_abar * to_frame / math.sqrt(1 + s * s)
         post_var = max(beta * one_m_abar_n / one_m_abar, 1e-20)
         lv = (0.0, 0.0)
         if sn == 0 and not final_noise:
@@ -525,7 +888,11 @@ def ddpm(sigmas, *, variance: str = "fixed_small", final_noise: bool = False, ti
 
 
 def _unipc_rhos(rks: np.ndarray, hh: float, order: int, solver_type: str, predictor: bool):
-    """UniPC's B(h), h*phi_1 and rho coefficients (Zhao et al. 2023, Eq. 8-9 and Algorithm 2/3)."""
+    """UniPC's B(h), h*phi_1 and rho coefficients (Zhao et al. 2023, Eq. 8-9 and Algorithm 2/3).
+
+    An infinite ratio r_k (a history point at sigma = inf) contributes nothing: its rho is 0 and the
+    others solve the leading equations of the reduced system (the limit r_k -> -inf).
+    """
     h_phi_1 = math.expm1(hh)
     h_phi_k = h_phi_1 / hh - 1
     b_h = hh if solver_type == "bh1" else math.expm1(hh)
@@ -536,86 +903,109 @@ def _unipc_rhos(rks: np.ndarray, hh: float, order: int, solver_type: str, predic
         fact *= k + 1
         h_phi_k = h_phi_k / hh - 1 / fact
     rmat, bvec = np.stack(rmat), np.asarray(bvec)
-    if predictor:
-        if order == 2:
-            rhos = np.array([0.5])
-        else:
-            rhos = np.linalg.solve(rmat[:-1, :-1], bvec[:-1]) if order > 2 else None
-    else:
-        rhos = np.array([0.5]) if order == 1 else np.linalg.solve(rmat, bvec)
+    n = order if not predictor else order - 1  # unknowns: corrector all r_k, predictor all but the last
+    if predictor and order == 2:
+        return b_h, h_phi_1, np.array([0.5])
+    if (predictor and order < 2) or (not predictor and order == 1):
+        return b_h, h_phi_1, (np.array([0.5]) if not predictor else None)
+    fin = np.isfinite(rks[:n])
+    rhos = np.zeros(n)
+    m = int(fin.sum())
+    if m:
+        rhos[fin] = np.linalg.solve(rmat[:m][:, :n][:, fin], bvec[:m])
     return b_h, h_phi_1, rhos
 
 
 def unipc(sigmas, *, order: int = 2, solver_type: str = "bh2", lower_order_final: bool = True,
-          disable_corrector: Sequence[int] = (), timesteps=None) -> SamplerTable:
-    """UniPC with x0 prediction, Zhao et al. (2023), Algorithm 2 (UniP-p) + 3 (UniC-p), B(h) variant.
+          disable_corrector: Sequence[int] = (), predict_x0: bool = True, timesteps=None) -> SamplerTable:
+    """UniPC, Zhao et al. (2023), Algorithm 2 (UniP-p) + 3 (UniC-p), in the sigma view.
 
-    Step i corrects the state the model was evaluated at (UniC, using x0_i) and predicts the next (UniP).
-    Both start from the corrected state of step i-1 with the same factor sigma_vp'/sigma_vp, so the corrector
-    adds ``C_i . x0s - P_{i-1} . x0s`` to the predicted state and no extra state is kept: the ring holds the
-    last ``order`` x0. Orders follow diffusers' UniPCMultistepScheduler (warm-up, ``lower_order_final``,
-    ``disable_corrector``); the step into sigma = 0 is first order.
+    Step i corrects the state the model was evaluated at (UniC) and predicts the next (UniP). Both start from
+    the corrected state of step i-1 with the same factor, so the corrector adds ``C_i . h - P_{i-1} . h`` to
+    the predicted state and no extra state is kept: the ring holds the last ``order`` entries. With
+    ``predict_x0`` (diffusers' default) the entries are x0 and the state factor is sigma'/sigma (lambda =
+    -log sigma); without, they are eps (d) and the factor is 1. Orders follow diffusers'
+    UniPCMultistepScheduler (warm-up, ``lower_order_final``, ``disable_corrector``); the step into sigma = 0 is
+    first order. With predict_x0 the run may start at sigma = inf.
     """
     if solver_type not in ("bh1", "bh2"):
         raise ValueError(f"solver_type must be 'bh1' or 'bh2', got {solver_type!r}")
     if not isinstance(order, int) or order < 1:
         raise ValueError(f"order must be an int >= 1, got {order!r}")
-    rb = _Rows("unipc", "x0", order, sigmas, timesteps, order=order, solver_type=solver_type,
-               lower_order_final=lower_order_final, disable_corrector=tuple(disable_corrector))
+    form = "x0" if predict_x0 else "d"
+    rb = _Rows("unipc", form, order, sigmas, timesteps, order=order, solver_type=solver_type,
+               lower_order_final=lower_order_final, disable_corrector=tuple(disable_corrector),
+               predict_x0=predict_x0)
+    if not predict_x0 or solver_type == "bh1":
+        rb.finite_start()
     sig, n = rb.sig, rb.steps
-    alpha = sigma_to_alpha(sig)
-    sig_vp = sig * alpha
+    sign = -1.0 if predict_x0 else 1.0
     with np.errstate(divide="ignore"):
-        lam = -np.log(sig)  # log(alpha) - log(sigma_vp) in the sigma view; inf at sigma = 0
+        lam = -np.log(sig)  # log(alpha / sigma_model) in any frame; -inf at sigma = inf, inf at 0
+    scale = np.ones_like(sig) if predict_x0 else sig  # the entries' factor at each level (eps: sigma)
     p_orders, prev_p = [], None
     for i in range(n):
         k_p = min(order, n - i) if lower_order_final else order
         k_p = min(k_p, i + 1)
         if sig[i + 1] == 0:
             k_p = 1
-        vec = np.zeros(order + 2)  # VP-frame coefficients on x0_{i-j}, index j
-        # corrector (UniC) at step i, order of the previous predictor
-        if i > 0 and (i - 1) not in disable_corrector:
+        vec = np.zeros(order + 2)  # sigma-view coefficients on the entries h_{i-j}, index j
+        if i > 0 and (i - 1) not in disable_corrector:  # corrector (UniC) at step i
             k_c = p_orders[i - 1]
             h = lam[i] - lam[i - 1]
             rks = np.array([(lam[i - 1 - k] - lam[i - 1]) / h for k in range(1, k_c)] + [1.0])
-            b_h, h_phi_1, rhos = _unipc_rhos(rks, -h, k_c, solver_type, predictor=False)
+            b_h, h_phi_1, rhos = _unipc_rhos(rks, sign * h, k_c, solver_type, predictor=False)
             corr = np.zeros(order + 2)
-            corr[1] -= alpha[i] * h_phi_1
+            corr[1] -= scale[i] * h_phi_1
             for k in range(1, k_c):
-                dk = np.zeros(order + 2)
-                dk[k + 1] += 1.0 / rks[k - 1]
-                dk[1] -= 1.0 / rks[k - 1]
-                corr -= alpha[i] * b_h * rhos[k - 1] * dk
-            corr[0] -= alpha[i] * b_h * rhos[-1]
-            corr[1] += alpha[i] * b_h * rhos[-1]
+                if np.isfinite(rks[k - 1]):
+                    corr[k + 1] -= scale[i] * b_h * rhos[k - 1] / rks[k - 1]
+                    corr[1] += scale[i] * b_h * rhos[k - 1] / rks[k - 1]
+            corr[0] -= scale[i] * b_h * rhos[-1]
+            corr[1] += scale[i] * b_h * rhos[-1]
             vec += corr
-            vec[1:] -= prev_p[:-1]  # remove the previous predictor's x0 terms (shifted one lag)
-        # predictor (UniP) at step i, applied to the corrected state
-        a_vp = sig_vp[i + 1] / sig_vp[i]
-        vec *= a_vp
+            vec[1:] -= prev_p[:-1]  # remove the previous predictor's terms (shifted one lag)
+        ratio = sig[i + 1] / sig[i] if predict_x0 else 1.0
+        vec *= ratio  # (zero at an inf start, where there is nothing to correct)
         pred = np.zeros(order + 2)
         if k_p == 1 and sig[i + 1] == 0:
-            pred[0] = alpha[i + 1]  # x0; h is infinite
+            pred[0] = 1.0 if predict_x0 else -sig[i]  # x0; h is infinite
         else:
             h = lam[i + 1] - lam[i]
             rks = np.array([(lam[i - k] - lam[i]) / h for k in range(1, k_p)] + [1.0])
-            b_h, h_phi_1, rhos = _unipc_rhos(rks, -h, k_p, solver_type, predictor=True)
-            pred[0] -= alpha[i + 1] * h_phi_1
+            b_h, h_phi_1, rhos = _unipc_rhos(rks, sign * h, k_p, solver_type, predictor=True)
+            pred[0] -= scale[i + 1] * h_phi_1
             for k in range(1, k_p):
-                pred[k] -= alpha[i + 1] * b_h * rhos[k - 1] / rks[k - 1]
-                pred[0] += alpha[i + 1] * b_h * rhos[k - 1] / rks[k - 1]
+                if np.isfinite(rks[k - 1]):
+                    pred[k] -= scale[i + 1] * b_h * rhos[k - 1] / rks[k - 1]
+                    pred[0] += scale[i + 1] * b_h * rhos[k - 1] / rks[k - 1]
         vec += pred
         p_orders.append(k_p)
         prev_p = pred
-        # VP frame -> sigma view: x_vp = alpha x on both sides
-        to_sv = 1.0 / alpha[i + 1]
-        lags = {j: vec[j] * to_sv for j in range(1, order + 1)}
         if np.any(vec[order + 1:] != 0):
             raise AssertionError("unipc: history deeper than the ring")
-        rb.add(i, sig[i], sig[i + 1], a=a_vp * alpha[i] * to_sv, b_new=vec[0] * to_sv, lags=lags,
+        a = _ratio(sig[i + 1], sig[i]) if predict_x0 else 1.0
+        rb.add(i, sig[i], sig[i + 1], a=a, b_new=vec[0], lags={j: vec[j] for j in range(1, order + 1)},
                timestep=rb.t(i))
     return rb.build()
+
+
+def concat_tables(parts: Sequence[SamplerTable]) -> SamplerTable:
+    """Join tables (one history form and ring size) into one; the steps of ``parts[k]`` follow those of
+    ``parts[k - 1]``. For samplers with no history across the joints (k-diffusion's churn, identity rows)."""
+    cat = lambda name: np.concatenate([getattr(p, name) for p in parts])
+    first = parts[0]
+    steps, offset = [], 0
+    for p in parts:
+        steps.append(p.step + offset)
+        offset += p.num_steps
+    return SamplerTable(
+        name=first.name, history=first.history, num_slots=first.num_slots, sigma=cat("sigma"),
+        sigma_next=cat("sigma_next"), timestep=cat("timestep"), step=np.concatenate(steps), a=cat("a"),
+        g_eps=cat("g_eps"), b_new=cat("b_new"), c=cat("c"), b_slots=np.concatenate([p.b_slots for p in parts]),
+        write_slot=cat("write_slot"), lv_lo=cat("lv_lo"), lv_hi=cat("lv_hi"), learned_range=first.learned_range,
+        options=dict(first.options), h_x=cat("h_x"), h_x0=cat("h_x0"), h_m=cat("h_m"), g_m=cat("g_m"),
+        frame=first.frame)
 
 
 SAMPLERS: Dict[str, Callable[..., SamplerTable]] = {
@@ -623,21 +1013,33 @@ SAMPLERS: Dict[str, Callable[..., SamplerTable]] = {
     "ddim": ddim,
     "euler": euler,
     "euler_ancestral": euler_ancestral,
+    "lcm": lcm,
     "heun": heun,
     "dpm_2": dpm_2,
+    "dpm_2_ancestral": dpm_2_ancestral,
+    "dpm_solver": dpm_solver,
     "lms": lms,
     "dpmpp_2m": dpmpp_2m,
     "dpmpp_2s_ancestral": dpmpp_2s_ancestral,
+    "dpmpp_sde": dpmpp_sde,
     "dpmpp_2m_sde": dpmpp_2m_sde,
     "dpmpp_3m_sde": dpmpp_3m_sde,
     "unipc": unipc,
+    "dpm_multistep": dpm_multistep,
+    "deis": deis,
 }
 
 
-def build_table(sampler: str, sigmas, **options) -> SamplerTable:
-    """``SAMPLERS[sampler](sigmas, **options)`` with a clear error for an unknown name."""
+def build_table(sampler: str, sigmas, schedule=None, **options) -> SamplerTable:
+    """``SAMPLERS[sampler](sigmas, **options)`` with a clear error for an unknown name.
+
+    ``schedule``: the run's schedule; a flow schedule makes ``heun`` step in flow time (``time="flow"``,
+    as diffusers' FlowMatchHeun) unless ``time`` is given.
+    """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
+    if sampler == "heun" and getattr(schedule, "frame", None) == "flow":
+        options.setdefault("time", "flow")
     return SAMPLERS[sampler](sigmas, **options)
 
 
@@ -646,41 +1048,64 @@ def build_table(sampler: str, sigmas, **options) -> SamplerTable:
 # ---------------------------------------------------------------------------------------------
 
 
-def pack_table(table: SamplerTable, p: np.ndarray, q: np.ndarray, frame: str = "sigma") -> np.ndarray:
+def pack_table(table: SamplerTable, p: np.ndarray, q: np.ndarray, frame: str = "sigma",
+               check: bool = True) -> np.ndarray:
     """The (R, 11 + S) float64 table the update reads, columns ``COLUMNS`` then one per ring slot.
 
-    ``p, q`` (R,): ``x0 = p x + q m`` at each row's sigma in the sigma view (``Denoiser.x0_coefficients``).
-    The unclipped-eps coefficient folds into a and g through ``eps = ((1 - p) x - q m) / sigma``.
-    ``frame="vp"`` rescales every row to a state in the model frame ``x_vp = x / sqrt(1 + sigma^2)`` (as
-    diffusers' DDPM/DDIM/DPM-Solver/UniPC carry it); ``"sigma"`` keeps the sigma view (k-diffusion, Euler).
+    ``p, q`` (R,): ``x0 = p x + q m`` at each row's sigma in the sigma view (``Denoiser.x0_coefficients``;
+    at sigma = inf, p on ``x / sigma``). The history entry ``h_x x + h_x0 x0 + h_m m`` becomes ``e x + f x0``
+    through ``m = (x0 - p x) / q``; the unclipped-eps coefficient folds into a and g through
+    ``eps = ((1 - p) x - q m) / sigma`` (the unit-noise state itself at sigma = inf).
+    ``frame`` is the state the rows read and write (:func:`fastdiff.schedules.frame_scale`): ``"sigma"`` (the
+    sigma view: k-diffusion, Euler), ``"vp"`` (``x / sqrt(1 + sigma^2)``: diffusers' DDPM/DDIM/DPM-Solver/
+    UniPC) or ``"flow"`` (``x / (1 + sigma)``: flow matching). A row at sigma = inf needs the vp or flow
+    frame, where the state is the unit noise. History entries keep the units of the table's own frame
+    (``table.frame``); a table packed into its own frame keeps its coefficients as they are, so rows built
+    from diffusers' float32 formulas stay what diffusers computes. ``check=False`` leaves non-finite rows
+    in place (the drop-ins check the row they use, as a diffusers schedule may hold rows it never reaches).
     """
-    if frame not in ("sigma", "vp"):
-        raise ValueError(f"frame must be 'sigma' or 'vp', got {frame!r}")
+    if frame not in ("sigma", "vp", "flow"):
+        raise ValueError(f"frame must be 'sigma', 'vp' or 'flow', got {frame!r}")
     r, s = table.num_rows, table.num_slots
     p = np.broadcast_to(np.asarray(p, dtype=np.float64), (r,)).copy()
     q = np.broadcast_to(np.asarray(q, dtype=np.float64), (r,)).copy()
     sig = table.sigma
+    inf = np.isinf(sig)
+    if check and inf.any() and frame == "sigma":
+        raise ValueError(f"table for {table.name!r} starts at sigma = inf: the sigma-view state is not finite "
+                         "there; carry the state in the model's frame (frame='vp' or 'flow')")
+    fin = np.where(inf, 1.0, sig)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # frame scales in and out (at inf both model frames hold x / sigma: scale 1)
+        f_in = np.where(inf, 1.0, frame_scale(fin, frame))
+        t_in = np.where(inf, 1.0, frame_scale(fin, table.frame))
+        if frame == table.frame:  # exact, also where a frame scale is 0 or inf
+            k_in = k_out = np.ones(r)
+        else:
+            k_in = t_in / f_in  # table-frame state = k_in * target-frame state
+            k_out = frame_scale(table.sigma_next, frame) / frame_scale(table.sigma_next, table.frame)
+        uses_m = table.h_m != 0
+        if np.any(uses_m & (q == 0)):
+            raise ValueError(f"table for {table.name!r} keeps the raw model output, which x0-prediction "
+                             "with q = 0 cannot give back")
+        qq = np.where(uses_m, q, 1.0)
+        e = (table.h_x - table.h_m * (p / t_in) / qq) * k_in
+        f = table.h_x0 + table.h_m / qq
+        eps = table.g_eps != 0  # fold eps = ((1 - p) x - q m) / sigma only where a row uses it
+        a = table.a * k_in * k_out + np.where(eps, table.g_eps * k_out * np.where(inf, 1.0, (1 - p) / (f_in * fin)),
+                                              0.0)
+        g = (table.g_m - np.where(eps, table.g_eps * np.where(inf, 0.0, q / fin), 0.0)) * k_out
+        p = p / f_in
+    b0, c, bs = table.b_new * k_out, table.c * k_out, table.b_slots * k_out[:, None]
     out = np.zeros((r, COL_SLOTS + s))
-    if table.history == "x0":
-        e, f = np.zeros(r), np.ones(r)
-    else:
-        e, f = 1.0 / sig, -1.0 / sig
-    a = table.a + table.g_eps * (1 - p) / sig
-    g = -table.g_eps * q / sig
-    b0, c, bs = table.b_new.copy(), table.c.copy(), table.b_slots.copy()
-    if frame == "vp":
-        a_in, a_out = sigma_to_alpha(sig), sigma_to_alpha(table.sigma_next)
-        p, e = p / a_in, e / a_in
-        a = a * a_out / a_in
-        g, b0, c, bs = g * a_out, b0 * a_out, c * a_out, bs * a_out[:, None]
     out[:, COL_P], out[:, COL_Q], out[:, COL_E], out[:, COL_F] = p, q, e, f
     out[:, COL_A], out[:, COL_G], out[:, COL_B0], out[:, COL_C] = a, g, b0, c
     out[:, COL_LV_LO], out[:, COL_LV_HI] = table.lv_lo, table.lv_hi
     out[:, COL_WRITE] = table.write_slot
     out[:, COL_SLOTS:] = bs
-    if not np.all(np.isfinite(out)):
-        raise ValueError(f"table for {table.name!r} has non-finite coefficients "
-                         "(check sigmas and prediction)")
+    if check and not np.all(np.isfinite(out)):
+        raise ValueError(f"table for {table.name!r} has non-finite coefficients (check sigmas and prediction: "
+                         "eps prediction has no x0 at sigma = inf)")
     return out
 
 
@@ -703,7 +1128,14 @@ class DeviceTable:
 
 def to_device(table: SamplerTable, denoiser, device, dtype: torch.dtype = torch.float32,
               frame: str = "sigma") -> DeviceTable:
-    """Pack ``table`` for ``denoiser`` (its prediction and schedule) and move it to ``device`` once."""
+    """Pack ``table`` for ``denoiser`` (its prediction and schedule) and move it to ``device`` once.
+
+    ``frame``: ``"sigma"`` (the state in the sigma view; the model input is scaled by the schedule's
+    ``model_input_scale``) or the schedule's own frame (``"vp"``, ``"flow"``: the state is the model input).
+    """
+    sch_frame = getattr(denoiser.schedule, "frame", "vp")
+    if frame != "sigma" and frame != sch_frame:
+        raise ValueError(f"frame must be 'sigma' or the schedule's frame {sch_frame!r}, got {frame!r}")
     p, q = denoiser.x0_coefficients(table.sigma)
     coef = pack_table(table, p, q, frame=frame)
     t = table.timestep.copy()
@@ -728,11 +1160,15 @@ def to_device(table: SamplerTable, denoiser, device, dtype: torch.dtype = torch.
 
 
 def make_generators(seeds: Sequence[int], device="cpu") -> list:
-    """One ``torch.Generator`` per seed on ``device`` (CPU generators: the same numbers on every machine)."""
+    """One ``torch.Generator`` per seed on ``device`` (CPU generators: the same numbers on every machine).
+
+    Seeds are ints in [0, 2^63) (torch would wrap negative and larger ones onto other seeds)."""
     gens = []
     for s in seeds:
         if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
             raise ValueError(f"seeds must be integers, got {s!r}")
+        if not 0 <= int(s) < 2**63:
+            raise ValueError(f"seeds must be integers in [0, 2**63), got {int(s)}")
         g = torch.Generator(device=device)
         g.manual_seed(int(s))
         gens.append(g)

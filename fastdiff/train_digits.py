@@ -4,7 +4,10 @@ Reproducible command (2 CPU cores; a fixed seed, a fixed data split, determinist
 
     python -m fastdiff.train_digits --steps 2000 --stop-at 1500 --batch-size 64 --cosine --ema 0.998
 
-(about 1 s per step on one core; the shipped weights are this command's EMA weights at step 1500).
+(about 1 s per step on one core; the shipped weights are this command's EMA weights at step 1500). The
+output goes to ``./digits.*`` unless ``--out`` says otherwise; replacing the bundled weights
+(``fastdiff/weights/digits``) needs ``--out fastdiff/weights/digits --overwrite-bundled``. Every file is
+written under a temporary name and renamed into place, so a failed save keeps the previous one.
 
 Data: ``sklearn.datasets.load_digits`` (1,797 8x8 images, values 0..16) scaled to [-1, 1], bilinearly
 upsampled to 16x16; the training split is ``train_test_split(X, y, test_size=0.25, random_state=0)``
@@ -26,8 +29,8 @@ every ``--save-every`` steps, and ``--resume`` continues from it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
-import json
 import math
 import os
 import shlex
@@ -39,7 +42,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DIGITS_CONFIG", "DIGITS_SCHEDULE", "NULL_LABEL", "load_digits_split", "build_model", "main"]
+from fastdiff.io import atomic_path, atomic_write, check_output_path, write_json
+
+__all__ = ["DIGITS_CONFIG", "DIGITS_SCHEDULE", "NULL_LABEL", "load_digits_split", "build_model", "parse_args",
+           "main"]
 
 DIGITS_CONFIG = dict(image_size=16, in_channels=1, model_channels=32, out_channels=1, num_res_blocks=1,
                      attention_resolutions=(2,), dropout=0.0, channel_mult=(1, 2, 2), num_classes=11,
@@ -70,10 +76,14 @@ def build_model(**overrides):
     return ADMUNet(**{**DIGITS_CONFIG, **overrides})
 
 
-def _use_native_training_ops() -> None:
-    """Route GroupNormModulate and the attention op through PyTorch's fused CPU ops for training speed."""
+@contextlib.contextmanager
+def _native_training_ops():
+    """Route GroupNormModulate and the attention op through PyTorch's fused CPU ops for training speed,
+    restoring fastdiff's own on exit (the process's other models are not changed for good)."""
     from fastdiff import nn as fnn
     from fastdiff.models import adm
+
+    saved = fnn.GroupNormModulate.forward, adm.ops
 
     def gn_forward(self, x, scale=None, shift=None):
         h = F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
@@ -81,22 +91,27 @@ def _use_native_training_ops() -> None:
             h = h * (1 + scale[:, :, None, None].to(h.dtype)) + shift[:, :, None, None].to(h.dtype)
         return F.silu(h) if self.activation == "silu" else h
 
-    fnn.GroupNormModulate.forward = gn_forward
-
     class _Ops:
         @staticmethod
         def attention(q, k, v, scale=None, **kw):
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
-    adm.ops = _Ops
+    fnn.GroupNormModulate.forward, adm.ops = gn_forward, _Ops
+    try:
+        yield
+    finally:
+        fnn.GroupNormModulate.forward, adm.ops = saved
 
 
 def train(args) -> None:
+    with _native_training_ops() if args.native_ops else contextlib.nullcontext():
+        _train(args)
+
+
+def _train(args) -> None:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     torch.set_num_threads(args.threads)
-    if args.native_ops:
-        _use_native_training_ops()
     from safetensors.torch import save_file
 
     x_all, y_all = load_digits_split("train")
@@ -125,8 +140,9 @@ def train(args) -> None:
           flush=True)
 
     def save(step: int, final: bool = False) -> None:
-        torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                    "gen": gen.get_state(), "step": step}, ckpt_path)
+        with atomic_write(ckpt_path, argument="--out") as f:
+            torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                        "gen": gen.get_state(), "step": step}, f)
         meta = {
             "model": "ADMUNet",
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in DIGITS_CONFIG.items()},
@@ -143,10 +159,10 @@ def train(args) -> None:
                          "command": "python -m fastdiff.train_digits " + " ".join(
                              shlex.quote(a) for a in sys.argv[1:])},
         }
-        save_file({k: v.detach().float().contiguous() for k, v in ema.state_dict().items()},
-                  args.out + ".safetensors", metadata={"format": "pt"})
-        with open(args.out + ".json", "w") as f:
-            json.dump(meta, f, indent=2)
+        with atomic_path(args.out + ".safetensors", argument="--out") as tmp:
+            save_file({k: v.detach().float().contiguous() for k, v in ema.state_dict().items()}, tmp,
+                      metadata={"format": "pt"})
+        write_json(args.out + ".json", meta, indent=2, argument="--out")
         print(f"saved step {step}{' (final)' if final else ''}", flush=True)
 
     model.train()
@@ -192,7 +208,16 @@ def train(args) -> None:
     save(args.steps, final=True)
 
 
-def main(argv: Optional[list] = None) -> None:
+def bundled_prefix() -> str:
+    """The path prefix of the weights shipped with fastdiff (``.safetensors`` and ``.json`` after it)."""
+    from fastdiff.models.digits import DIGITS_WEIGHTS
+
+    return os.path.splitext(DIGITS_WEIGHTS)[0]
+
+
+def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
+    """The options, checked before any work: the output folder exists, and the bundled weights are
+    replaced only with ``--overwrite-bundled``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=128)
@@ -215,8 +240,24 @@ def main(argv: Optional[list] = None) -> None:
     p.add_argument("--stop-at", type=int, default=0,
                    help="stop and save at this step (the learning-rate schedule still spans --steps)")
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "weights", "digits"))
-    train(p.parse_args(argv))
+    p.add_argument("--out", default="digits",
+                   help="output path prefix: OUT.safetensors, OUT.json and OUT.ckpt.pt (default: ./digits)")
+    p.add_argument("--overwrite-bundled", action="store_true",
+                   help="allow --out to be the bundled weights (fastdiff/weights/digits), replacing them")
+    args = p.parse_args(argv)
+    if os.path.realpath(args.out) == os.path.realpath(bundled_prefix()) and not args.overwrite_bundled:
+        p.error(f"--out {args.out!r} is the bundled weights of fastdiff; pass --overwrite-bundled to replace "
+                "them, or choose another --out")
+    for suffix in (".safetensors", ".json", ".ckpt.pt"):
+        try:
+            check_output_path(args.out + suffix, "--out")
+        except (OSError, ValueError) as e:
+            p.error(str(e))
+    return args
+
+
+def main(argv: Optional[list] = None) -> None:
+    train(parse_args(argv))
 
 
 if __name__ == "__main__":

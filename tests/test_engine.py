@@ -6,7 +6,7 @@ import torch
 from conftest import rel_l2
 
 import fastdiff
-from fastdiff import engine, policy
+from fastdiff import engine, model_cache, policy
 from fastdiff.denoiser import Denoiser
 from fastdiff.models import ADMUNet
 from fastdiff.samplers import build_table, make_generators, randn_per_sample, sample_loop, to_device
@@ -44,8 +44,9 @@ def tiny_denoiser(seed: int = 0) -> Denoiser:
 
 
 def manual(den, n, sampler, steps, seeds, y, w, options=None):
-    """The plain loop written out: per-sample generators, start at sqrt(1 + sigma_max^2) * randn."""
-    sig, ts = den.schedule.sigmas(steps)
+    """The plain loop written out: per-sample generators, start at sqrt(1 + sigma_max^2) * randn, the
+    sampler's default spacing."""
+    sig, ts = den.schedule.sigmas(steps, spacing=engine.default_spacing(sampler, den.schedule))
     tab = to_device(build_table(sampler, sig, timesteps=ts, **(options or {})), den, "cpu")
     gens = make_generators(seeds)
     x = randn_per_sample(gens, (1, 8, 8)) * float(np.sqrt(1 + sig[0] ** 2))
@@ -115,13 +116,27 @@ def test_chunking_and_batch_independence(batch_size):
 
 
 def test_seed_forms():
-    assert engine.resolve_seeds(None, 3) == [0, 1, 2]
     assert engine.resolve_seeds(7, 3) == [7, 8, 9]
     assert engine.resolve_seeds(torch.tensor([4, 2]), 2) == [4, 2]
+    assert engine.resolve_seeds(np.array([5, 6]), 2) == [5, 6]
+    assert engine.resolve_seeds(2**63 - 3, 3) == [2**63 - 3, 2**63 - 2, 2**63 - 1]
+    # None: fresh seeds from torch's global generator (repeatable under torch.manual_seed), in [0, 2^63)
+    torch.manual_seed(123)
+    fresh = engine.resolve_seeds(None, 4)
+    torch.manual_seed(123)
+    assert engine.resolve_seeds(None, 4) == fresh
+    assert len(set(fresh)) == 4 and all(0 <= s < 2**63 for s in fresh)
+    assert engine.resolve_seeds(None, 4) != fresh
     with pytest.raises(ValueError, match="one seed per sample"):
         engine.resolve_seeds([1, 2], 3)
     with pytest.raises(ValueError, match="integers"):
         engine.resolve_seeds([1.5], 1)
+    for bad in ([-1], [2**63]):  # the helper every path draws noise through refuses them too
+        with pytest.raises(ValueError, match=r"2\*\*63"):
+            make_generators(bad)
+    for bad in ([-1], [2**63], 2**63 - 2):
+        with pytest.raises(ValueError, match=r"seeds .*2\*\*63"):
+            engine.resolve_seeds(bad, 1 if isinstance(bad, list) else 3)
 
 
 @pytest.mark.parametrize("n,bucket", [(1, 1), (3, 4), (8, 8), (33, 64), (65, 128), (130, 192)])
@@ -139,13 +154,16 @@ def test_dtype_policy():
 
 def test_bf16_close_to_fp32():
     y = torch.tensor([0, 1, 2, 3])
-    ref = fastdiff.sample(tiny_denoiser(), (4, 1, 8, 8), steps=4, guidance_scale=2.0, y=y, dtype="float32",
-                          progress=False)
+    ref = fastdiff.sample(tiny_denoiser(), (4, 1, 8, 8), steps=4, guidance_scale=2.0, y=y, seeds=0,
+                          dtype="float32", progress=False)
     den = tiny_denoiser()
-    out = fastdiff.sample(den, (4, 1, 8, 8), steps=4, guidance_scale=2.0, y=y, dtype=torch.bfloat16,
+    out = fastdiff.sample(den, (4, 1, 8, 8), steps=4, guidance_scale=2.0, y=y, seeds=0, dtype=torch.bfloat16,
                           progress=False)
     assert out.dtype == torch.float32  # the state stays float32
-    assert next(den.model.parameters()).dtype == torch.bfloat16  # the model runs in bf16
+    assert next(den.model.parameters()).dtype == torch.float32  # the caller's model is left as it was
+    run = model_cache.run_copy(den.model, "cpu", torch.bfloat16)  # the model ran as a cached bf16 copy
+    assert run is not den.model and next(run.parameters()).dtype == torch.bfloat16
+    assert run is model_cache.run_copy(den.model, "cpu", torch.bfloat16)
     assert rel_l2(out, ref) < 5e-2
 
 
@@ -156,25 +174,31 @@ def test_cpu_channels_last_policy(monkeypatch, min_params, expect_nhwc):
     monkeypatch.setattr(policy, "CPU_CHANNELS_LAST_MIN_PARAMS", min_params)
     den = tiny_denoiser()
     fastdiff.sample(den, (2, 1, 8, 8), steps=2, y=0, dtype=torch.bfloat16, device="cpu", progress=False)
-    conv = next(m for m in den.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)
-                and m.in_channels > 1)
-    assert conv.weight.is_contiguous(memory_format=torch.channels_last) == expect_nhwc
-    assert conv.weight.is_contiguous() != expect_nhwc
+
+    def conv3x3(model):
+        return next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)
+                    and m.in_channels > 1)
+
+    assert conv3x3(den.model).weight.is_contiguous()  # the caller's model keeps its layout
+    run = model_cache.run_copy(den.model, "cpu", torch.bfloat16, channels_last=expect_nhwc)  # the cached copy
+    assert run is model_cache.run_copy(den.model, "cpu", torch.bfloat16, channels_last=expect_nhwc)
+    assert conv3x3(run).weight.is_contiguous(memory_format=torch.channels_last) == expect_nhwc
+    assert conv3x3(run).weight.is_contiguous() != expect_nhwc
 
 
 def test_bare_module_and_progress(capsys):
     model = tiny_model()
-    out = fastdiff.sample(model, (2, 1, 8, 8), steps=2, y=[1, 2], dtype=torch.float32, progress=True)
+    out = fastdiff.sample(model, (2, 1, 8, 8), steps=2, y=[1, 2], seeds=3, dtype=torch.float32, progress=True)
     den = Denoiser(tiny_model(), VPSchedule("linear", 1000))
-    ref = fastdiff.sample(den, (2, 1, 8, 8), steps=2, y=[1, 2], dtype=torch.float32, progress=False)
+    ref = fastdiff.sample(den, (2, 1, 8, 8), steps=2, y=[1, 2], seeds=3, dtype=torch.float32, progress=False)
     assert torch.equal(out, ref)
 
 
 def test_compile_option_traces_the_model():
     den = tiny_denoiser()
-    ref = fastdiff.sample(den, (2, 1, 8, 8), steps=2, y=[1, 2], dtype=torch.float32, progress=False)
+    ref = fastdiff.sample(den, (2, 1, 8, 8), steps=2, y=[1, 2], seeds=0, dtype=torch.float32, progress=False)
     # the "eager" backend runs dynamo's tracing without inductor's C++ build (seconds, not minutes)
-    out = fastdiff.sample(den, (2, 1, 8, 8), steps=2, y=[1, 2], dtype=torch.float32, progress=False,
+    out = fastdiff.sample(den, (2, 1, 8, 8), steps=2, y=[1, 2], seeds=0, dtype=torch.float32, progress=False,
                           compile={"backend": "eager"})
     assert rel_l2(out, ref) < 1e-6
 
@@ -260,11 +284,12 @@ def test_graph_path_logic_on_cpu(monkeypatch):
         y = torch.tensor(labels)
         with torch.no_grad():
             x = randn_per_sample(make_generators(seeds), (1, 8, 8)) * 10
-            outs.append(engine._run_graph(runners, den, tab, x.clone(), y, make_generators(seeds),
-                                          NUM_CLASSES, 2.0, None, None, None))
+            noise = engine.NoiseStager(make_generators(seeds), (1, 8, 8), "cpu")
+            outs.append(engine._run_graph(runners, ("key",), den, tab, x.clone(), y, noise, NUM_CLASSES, 2.0,
+                                          None, None))
             refs.append(sample_loop(den, x.clone(), tab, y=y, y_null=NUM_CLASSES, guidance_scale=2.0,
                                     generators=make_generators(seeds)))
-    assert EagerGraphRunner.captures == 2 and sorted(runners) == [1, 4]
+    assert EagerGraphRunner.captures == 2 and sorted(runners["graphs"]) == [("key", 1), ("key", 4)]
     for out, ref in zip(outs, refs, strict=True):
         assert out.shape == ref.shape
         assert rel_l2(out, ref) < 1e-5

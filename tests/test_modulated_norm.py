@@ -28,9 +28,12 @@ GN_CASES = [
     ("offset-1e4", (2, 96, 7, 5), 32, "nchw", 1e4),
     ("one-group", (2, 12, 5, 5), 1, "nchw", 0.0),
 ]
-# (label, scale/shift present, activation)
-MODULATIONS = [("plain", False, None), ("adagn-silu", True, "silu"), ("adagn", True, None),
-               ("gn-silu", False, "silu")]
+# (label, scale/shift present, activation, pre_shift present)
+MODULATIONS = [("plain", False, None, False), ("adagn-silu", True, "silu", False), ("adagn", True, None, False),
+               ("gn-silu", False, "silu", False),
+               ("pre-silu", False, "silu", True),  # diffusers' ResnetBlock2D "default": SiLU(GN(h + temb))
+               ("pre", False, None, True), ("pre-adagn-silu", True, "silu", True)]
+PRE_SILU = MODULATIONS[4]
 
 
 def make_x(shape, layout, offset, device, dtype=torch.float32, seed=0):
@@ -45,20 +48,23 @@ def make_x(shape, layout, offset, device, dtype=torch.float32, seed=0):
     return x.to(device=device, dtype=dtype)
 
 
-def make_params(n, c, modulate, device, dtype=torch.float32, seed=1):
+def make_params(n, c, modulate, device, dtype=torch.float32, seed=1, pre=False):
+    """(weight, bias, scale, shift, pre_shift); the pre_shift spreads the channels of a group apart (std 2)."""
     g = torch.Generator().manual_seed(seed)
     weight = (1 + 0.5 * torch.randn(c, generator=g)).to(device, dtype)
     bias = (0.5 * torch.randn(c, generator=g)).to(device, dtype)
     scale = (0.5 * torch.randn(n, c, generator=g)).to(device, dtype) if modulate else None
     shift = (0.5 * torch.randn(n, c, generator=g)).to(device, dtype) if modulate else None
-    return weight, bias, scale, shift
+    pre_shift = (2 * torch.randn(n, c, generator=g)).to(device, dtype) if pre else None
+    return weight, bias, scale, shift, pre_shift
 
 
-def gn_oracle(x, num_groups, weight, bias, scale, shift, eps, activation):
-    """float64 oracle: torch's group_norm, then the modulation, then the activation."""
+def gn_oracle(x, num_groups, weight, bias, scale, shift, eps, activation, pre_shift=None):
+    """float64 oracle: x + pre_shift, torch's group_norm, then the modulation, then the activation."""
     d = lambda t: None if t is None else t.double()
-    out = F.group_norm(x.double(), num_groups, d(weight), d(bias), eps)
     expand = (slice(None), slice(None)) + (None,) * (x.dim() - 2)
+    u = x.double() if pre_shift is None else x.double() + d(pre_shift)[expand]
+    out = F.group_norm(u, num_groups, d(weight), d(bias), eps)
     if scale is not None:
         out = out * (1 + d(scale)[expand])
     if shift is not None:
@@ -76,23 +82,23 @@ def ln_oracle(x, scale, shift, weight, bias, eps):
     return out
 
 
-def check_gn(x, num_groups, weight, bias, scale, shift, activation, backend, tol, grad_tol=None):
-    leaves = [t for t in (x, weight, bias, scale, shift) if t is not None]
+def check_gn(x, num_groups, weight, bias, scale, shift, pre_shift, activation, backend, tol, grad_tol=None):
+    inputs = dict(x=x, weight=weight, bias=bias, scale=scale, shift=shift, pre_shift=pre_shift)
+    leaves = [t for t in inputs.values() if t is not None]
     for t in leaves:
         t.requires_grad_(True)
     out = ops.group_norm_modulate(x, num_groups, weight, bias, scale, shift, eps=1e-5,
-                                  activation=activation, backend=backend)
+                                  activation=activation, backend=backend, pre_shift=pre_shift)
     ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
     it = iter(ref_leaves)
-    ref_args = [next(it) if t is not None else None for t in (x, weight, bias, scale, shift)]
-    ref = gn_oracle(ref_args[0], num_groups, *ref_args[1:], 1e-5, activation)
+    rx, rw, rb, rs, rt, rp = [next(it) if t is not None else None for t in inputs.values()]
+    ref = gn_oracle(rx, num_groups, rw, rb, rs, rt, 1e-5, activation, rp)
     assert out.dtype == x.dtype and out.shape == x.shape
     assert rel_l2(out, ref) <= tol, f"forward error {rel_l2(out, ref):.2e}"
     if grad_tol is not None:
         grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(x.device, x.dtype)
         got = torch.autograd.grad(out, leaves, grad)
         want = torch.autograd.grad(ref, ref_leaves, grad.double())
-        inputs = dict(x=x, weight=weight, bias=bias, scale=scale, shift=shift)
         names = [n for n, t in inputs.items() if t is not None]
         for name, leaf, g_got, g_want in zip(names, leaves, got, want, strict=False):
             assert g_got.dtype == leaf.dtype
@@ -100,17 +106,18 @@ def check_gn(x, num_groups, weight, bias, scale, shift, activation, backend, tol
     return out
 
 
-# Every shape with the full AdaGN + SiLU; every modulation variant on the first shape.
-TRITON_CASES = ([(c, MODULATIONS[1]) for c in GN_CASES]
-                + [(GN_CASES[0], m) for m in MODULATIONS if m != MODULATIONS[1]])
+# Every shape with the full AdaGN + SiLU and with diffusers' pre_shift + SiLU; every modulation variant on
+# the first shape.
+TRITON_CASES = ([(c, m) for c in GN_CASES for m in (MODULATIONS[1], PRE_SILU)]
+                + [(GN_CASES[0], m) for m in MODULATIONS if m not in (MODULATIONS[1], PRE_SILU)])
 
 
 @pytest.mark.parametrize("case,modulation", TRITON_CASES, ids=[f"{c[0]}-{m[0]}" for c, m in TRITON_CASES])
 def test_group_norm_modulate_triton(case, modulation):
     _, shape, num_groups, layout, offset = case
-    _, modulate, activation = modulation
+    _, modulate, activation, pre = modulation
     x = make_x(shape, layout, offset, KERNEL_DEVICE)
-    params = make_params(shape[0], shape[1], modulate, KERNEL_DEVICE)
+    params = make_params(shape[0], shape[1], modulate, KERNEL_DEVICE, pre=pre)
     out = check_gn(x, num_groups, *params, activation, "triton", tol=1e-5, grad_tol=1e-5)
     if layout == "channels_last":
         assert out.is_contiguous(memory_format=torch.channels_last)
@@ -125,9 +132,10 @@ LARGE_SLAB_CASES = [
 ]
 
 
+@pytest.mark.parametrize("pre", [False, True], ids=["adagn", "pre-shift"])
 @pytest.mark.parametrize("path", ["loop", "split"])
 @pytest.mark.parametrize("case", LARGE_SLAB_CASES, ids=[c[0] for c in LARGE_SLAB_CASES])
-def test_group_norm_modulate_large_slabs(case, path, monkeypatch):
+def test_group_norm_modulate_large_slabs(case, path, pre, monkeypatch):
     """Slabs larger than one tile: one program looping over its slab, or split statistics (partial
     moments, Chan combine, apply) when there are too few slabs to fill the GPU. The backward takes
     its two-phase path in both."""
@@ -140,7 +148,7 @@ def test_group_norm_modulate_large_slabs(case, path, monkeypatch):
         real = getattr(mn, kernel)
         monkeypatch.setattr(mn, kernel, _CountingLaunch(real, calls, kernel))
     x = make_x(shape, layout, offset, KERNEL_DEVICE)
-    params = make_params(shape[0], shape[1], True, KERNEL_DEVICE)
+    params = make_params(shape[0], shape[1], True, KERNEL_DEVICE, pre=pre)
     check_gn(x, num_groups, *params, "silu", "triton", tol=1e-5, grad_tol=1e-5)
     assert calls["_gn_forward_kernel"][0]["MODE"] == (1 if path == "loop" else 2)
 
@@ -164,25 +172,26 @@ class _CountingLaunch:
 DTYPE_TOL = [(torch.float32, 1e-6, 1e-6), (torch.float16, 2e-3, 3e-3), (torch.bfloat16, 1.6e-2, 2.4e-2)]
 
 
+@pytest.mark.parametrize("pre", [False, True], ids=["adagn", "pre-shift"])
 @pytest.mark.parametrize("backend", ["reference", "auto"], ids=["reference", "native"])
 @pytest.mark.parametrize("dtype,tol,native_tol", DTYPE_TOL, ids=lambda v: str(v).replace("torch.", ""))
 @pytest.mark.parametrize("case", [c for c in GN_CASES if c[4] == 0.0], ids=lambda c: c[0])
-def test_group_norm_modulate_pytorch_paths(case, dtype, tol, native_tol, backend):
+def test_group_norm_modulate_pytorch_paths(case, dtype, tol, native_tol, backend, pre):
     _, shape, num_groups, layout, _ = case
     x = make_x(shape, layout, 0.0, "cpu", dtype)
-    weight, bias, scale, shift = make_params(shape[0], shape[1], True, "cpu", dtype)
+    weight, bias, scale, shift, pre_shift = make_params(shape[0], shape[1], True, "cpu", dtype, pre=pre)
     tol = tol if backend == "reference" else native_tol
-    out = check_gn(x, num_groups, weight.float(), bias.float(), scale, shift, "silu", backend, tol=tol,
-                   grad_tol=4 * tol)
+    out = check_gn(x, num_groups, weight.float(), bias.float(), scale, shift, pre_shift, "silu", backend,
+                   tol=tol, grad_tol=4 * tol)
     if layout == "channels_last":
         assert out.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("modulation", MODULATIONS, ids=[m[0] for m in MODULATIONS])
 def test_group_norm_modulate_native_modulations(modulation):
-    _, modulate, activation = modulation
+    _, modulate, activation, pre = modulation
     x = make_x((2, 96, 7, 5), "nchw", 0.0, "cpu")
-    check_gn(x, 32, *make_params(2, 96, modulate, "cpu"), activation, "auto", tol=1e-6, grad_tol=1e-5)
+    check_gn(x, 32, *make_params(2, 96, modulate, "cpu", pre=pre), activation, "auto", tol=1e-6, grad_tol=1e-5)
 
 
 def test_group_norm_modulate_native_odd_strides():
@@ -196,10 +205,11 @@ def test_group_norm_modulate_native_odd_strides():
         assert rel_l2(out, gn_oracle(x, 32, None, None, None, None, 1e-5, "silu")) <= 1e-6
 
 
+@pytest.mark.parametrize("pre", [False, True], ids=["adagn", "pre-shift"])
 @pytest.mark.parametrize("backend", ["reference", "auto"], ids=["reference", "native"])
-def test_group_norm_modulate_large_offset(backend):
+def test_group_norm_modulate_large_offset(backend, pre):
     x = make_x((2, 96, 7, 5), "nchw", 1e4, "cpu")
-    check_gn(x, 32, *make_params(2, 96, True, "cpu"), "silu", backend, tol=1e-5, grad_tol=1e-5)
+    check_gn(x, 32, *make_params(2, 96, True, "cpu", pre=pre), "silu", backend, tol=1e-5, grad_tol=1e-5)
 
 
 LN_CASES = [("dit-like", (2, 16, 72)), ("one-token", (3, 1, 40)), ("odd-dim", (2, 9, 33)),
@@ -214,7 +224,7 @@ def test_layer_norm_modulate(case, affine, backend):
     n, _, d = shape
     device = KERNEL_DEVICE if backend == "triton" else "cpu"
     x = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) + 100).to(device)
-    weight, bias, scale, shift = make_params(n, d, True, device)
+    weight, bias, scale, shift, _ = make_params(n, d, True, device)
     if not affine:
         weight = bias = None
     leaves = [t.requires_grad_(True) for t in (x, scale, shift, weight, bias) if t is not None]
@@ -255,7 +265,8 @@ def test_layer_norm_modulate_non_contiguous():
 @pytest.mark.parametrize("backend", [TRITON_ON_CPU, "reference", "auto"])
 def test_empty_batch(backend):
     x = torch.randn(0, 32, 4, 4)
-    out = ops.group_norm_modulate(x, 8, scale=torch.randn(0, 32), shift=torch.randn(0, 32), backend=backend)
+    out = ops.group_norm_modulate(x, 8, scale=torch.randn(0, 32), shift=torch.randn(0, 32), backend=backend,
+                                  pre_shift=torch.randn(0, 32))
     assert out.shape == x.shape
     y = ops.layer_norm_modulate(torch.randn(0, 5, 16), scale=torch.randn(0, 16), shift=torch.randn(0, 16),
                                 backend=backend)
@@ -280,6 +291,10 @@ BAD_GN = [
     ("scale-dtype", dict(scale=torch.randn(2, 32, dtype=torch.float64)), "scale"),
     ("scale-device", dict(scale=torch.randn(2, 32, device="meta")), "scale"),
     ("weight-shape", dict(weight=torch.randn(16)), "weight"),
+    ("pre-shift-shape", dict(pre_shift=torch.randn(2, 32, 1, 1)), "pre_shift"),
+    ("pre-shift-dtype", dict(pre_shift=torch.randn(2, 32).half()), "pre_shift"),
+    ("pre-shift-device", dict(pre_shift=torch.randn(2, 32, device="meta")), "pre_shift"),
+    ("pre-shift-int", dict(pre_shift=torch.ones(2, 32, dtype=torch.int64)), "pre_shift"),
     ("activation", dict(activation="gelu"), "activation"),
     ("rank", dict(x=torch.randn(2, 32)), "x"),
     ("int-input", dict(x=torch.ones(2, 32, 4, dtype=torch.int32)), "x"),
@@ -347,7 +362,9 @@ def test_opcheck(backend):
     x = torch.randn(2, 8, 3, 3)
     s, t, w = torch.randn(2, 8), torch.randn(2, 8), torch.randn(8)
     torch.library.opcheck(torch.ops.fastdiff.group_norm_modulate.default,
-                          (x, 4, w, w, s, t, 1e-5, "silu", backend))
+                          (x, 4, w, w, s, t, None, 1e-5, "silu", backend))
+    torch.library.opcheck(torch.ops.fastdiff.group_norm_modulate.default,
+                          (x, 4, w, w, None, None, torch.randn(2, 8), 1e-5, "silu", backend))
     xl = torch.randn(2, 5, 8)
     torch.library.opcheck(torch.ops.fastdiff.layer_norm_modulate.default, (xl, s, t, None, None, 1e-6, backend))
 
@@ -359,7 +376,7 @@ def test_torch_compile_fullgraph():
     ln = LayerNormModulate(16, elementwise_affine=False)
 
     def f(x, tokens, s, t):
-        return gn(x, s, t), ln(tokens, s, t)
+        return gn(x, s, t), ln(tokens, s, t), gn(x, pre_shift=t)
 
     x, tokens, s, t = torch.randn(2, 16, 5, 5), torch.randn(2, 7, 16), torch.randn(2, 16), torch.randn(2, 16)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
@@ -381,3 +398,58 @@ def test_modules_load_plain_norm_state_dicts():
     x, tokens = torch.randn(2, 16, 3, 3), torch.randn(2, 4, 16)
     torch.testing.assert_close(gn(x), ref_gn(x), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ln(tokens), ref_ln(tokens), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lowering", ["instance_norm", "basic", "group_norm"])
+def test_pre_shift_onnx_translation(lowering, tmp_path):
+    """The ONNX translation of a pre_shift (N, C, H, W and 3-D spatial input, with and without the
+    modulation) holds only default-domain ops and matches the float64 oracle in ONNX Runtime."""
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    from fastdiff.export.onnx import check_standard_onnx, translation_table
+
+    class PreShift(torch.nn.Module):
+        def forward(self, x, x5, w, b, s, t, p):
+            return (ops.group_norm_modulate(x, 4, w, b, activation="silu", pre_shift=p),
+                    ops.group_norm_modulate(x5, 2, None, None, s, t, pre_shift=p))
+
+    def inputs(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        r = lambda *shape: torch.randn(*shape, generator=g)
+        return r(n, 8, 5, 3) + 3, r(n, 8, 2, 3, 2), r(8), r(8), r(n, 8), r(n, 8), 4 * r(n, 8)
+
+    opset = 21 if lowering == "group_norm" else 18
+    batch = torch.export.Dim("batch", min=1, max=16)
+    dyn = ({0: batch}, {0: batch}, None, None, {0: batch}, {0: batch}, {0: batch})
+    with torch.no_grad(), ops.backend("reference"):
+        program = torch.onnx.export(PreShift(), inputs(2, 0), dynamo=True, opset_version=opset, dynamic_shapes=dyn,
+                                    custom_translation_table=translation_table(opset, group_norm=lowering),
+                                    verbose=False)
+    path = str(tmp_path / "pre_shift.onnx")
+    program.save(path)
+    check_standard_onnx(path)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for n in (1, 3):
+        args = inputs(n, n)
+        outs = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), args, strict=True)})
+        x, x5, w, b, s, t, p = (a.double() for a in args)
+        refs = (gn_oracle(x, 4, w, b, None, None, 1e-5, "silu", p), gn_oracle(x5, 2, None, None, s, t, 1e-5, None, p))
+        for out, ref in zip(outs, refs, strict=True):
+            assert rel_l2(torch.from_numpy(out), ref) <= 1e-5
+
+
+def test_module_pre_shift_matches_diffusers_default_norm():
+    """GroupNormModulate(pre_shift=temb) is diffusers' ResnetBlock2D "default" norm2 + SiLU."""
+    from fastdiff.nn import GroupNormModulate
+
+    torch.manual_seed(0)
+    ref = torch.nn.GroupNorm(4, 16)
+    torch.nn.init.normal_(ref.weight)
+    torch.nn.init.normal_(ref.bias)
+    gn = GroupNormModulate(4, 16, activation="silu")
+    gn.load_state_dict(ref.state_dict())
+    h, temb = torch.randn(3, 16, 6, 6), torch.randn(3, 16)
+    want = F.silu(ref(h + temb[:, :, None, None]))
+    for backend in ("auto", "reference", "triton"):
+        with ops.backend(backend):
+            assert rel_l2(gn(h, pre_shift=temb), want) <= 1e-6

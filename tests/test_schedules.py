@@ -170,3 +170,61 @@ def test_add_noise_matches_diffusers():
     t = torch.tensor([0, 500, 999])
     np.testing.assert_allclose(sch.add_noise(x0, noise, t).numpy(), ref.add_noise(x0, noise, t).numpy(),
                                rtol=1e-6, atol=1e-7)
+
+
+def test_zero_terminal_snr_and_exp_betas_match_diffusers():
+    from diffusers.schedulers.scheduling_ddpm import betas_for_alpha_bar
+    from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr as ref_rescale
+
+    from fastdiff.schedules import rescale_zero_terminal_snr
+
+    betas = betas_for_schedule("scaled_linear", 1000, 0.00085, 0.012)
+    ours = rescale_zero_terminal_snr(betas)
+    ref = ref_rescale(torch.tensor(betas)).double().numpy()
+    np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-13)
+    assert ours[-1] == 1.0 and np.all((ours[:-1] > 0) & (ours[:-1] < 1))
+    np.testing.assert_allclose(betas_for_schedule("exp", 1000),
+                               betas_for_alpha_bar(1000, alpha_transform_type="exp").double().numpy(), rtol=2e-6)
+
+
+@pytest.mark.parametrize("steps", [5, 30])
+def test_beta_sigmas_match_diffusers(steps):
+    from fastdiff.schedules import beta_sigmas
+
+    ref = diffusers.EulerDiscreteScheduler(use_beta_sigmas=True)
+    ours = beta_sigmas(steps, 0.03, 14.6, append_zero=False)
+    np.testing.assert_allclose(ours, ref._convert_to_beta(torch.tensor([14.6, 0.03], dtype=torch.float64), steps),
+                               rtol=1e-12)
+    sch = VPSchedule()
+    sig, _ = sch.sigmas(steps, "beta")
+    assert sig[0] == pytest.approx(sch.sigma_max) and sig[-2] == pytest.approx(sch.sigma_min) and sig[-1] == 0
+
+
+def test_frames_and_start_scales():
+    from fastdiff.schedules import FlowSchedule, frame_scale
+
+    s = np.array([0.0, 0.5, 3.0])
+    np.testing.assert_allclose(frame_scale(s, "vp"), 1 / np.sqrt(1 + s * s))
+    np.testing.assert_allclose(frame_scale(s, "flow"), 1 / (1 + s))
+    np.testing.assert_allclose(frame_scale(torch.tensor(s), "flow").numpy(), 1 / (1 + s))
+    vp = VPSchedule()
+    assert vp.initial_scale(3.0) == pytest.approx(np.sqrt(10.0)) and vp.initial_scale(3.0, "vp") == 1
+    assert VESDESchedule().initial_scale(3.0) == 3.0
+    flow = FlowSchedule()
+    assert flow.initial_scale(np.inf, "flow") == 1.0 and flow.initial_scale(3.0) == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="inf"):
+        flow.initial_scale(np.inf)
+    with pytest.raises(ValueError, match="frame"):
+        frame_scale(s, "ve")
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(beta_start=0.1, beta_end=2.0), "beta_start"),                   # betas past 1
+    (dict(beta_start=-0.01, beta_end=0.02), "beta_start"),                # and below 0
+    (dict(betas=[0.1, 1.2]), "betas"),
+    (dict(num_train_timesteps=1), "num_train_timesteps"),                 # too few training steps
+    (dict(num_train_timesteps=0), "num_train_timesteps"),
+])
+def test_bad_schedules_name_the_argument(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        VPSchedule(**kwargs)

@@ -23,7 +23,8 @@ What is the same as k-diffusion:
 
 What differs:
 
-- ``sample_dpmpp_2m_sde`` and ``sample_dpmpp_3m_sde`` with ``noise_sampler=None``: k-diffusion draws from a
+- ``sample_dpmpp_sde``, ``sample_dpmpp_2m_sde`` and ``sample_dpmpp_3m_sde`` with ``noise_sampler=None``:
+  k-diffusion draws from a
   ``BrownianTreeNoiseSampler`` (needs ``torchsde``); here the default is ``torch.randn_like(x)`` per step.
   Both give independent standard normal increments per step, so the samples have the same distribution,
   but not the same numbers. Pass k-diffusion's ``BrownianTreeNoiseSampler`` (or any
@@ -33,6 +34,7 @@ What differs:
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -47,9 +49,12 @@ __all__ = [
     "sample_euler_ancestral",
     "sample_heun",
     "sample_dpm_2",
+    "sample_dpm_2_ancestral",
+    "sample_dpm_fast",
     "sample_lms",
     "sample_dpmpp_2m",
     "sample_dpmpp_2s_ancestral",
+    "sample_dpmpp_sde",
     "sample_dpmpp_2m_sde",
     "sample_dpmpp_3m_sde",
 ]
@@ -80,26 +85,17 @@ def _churned_table(builder: Callable, sig: np.ndarray, s_churn: float, s_tmin: f
     if not np.any(gammas > 0):
         return builder(sig), sigma_hat, gammas
     parts = [builder(np.array([sigma_hat[i], sig[i + 1]])) for i in range(steps)]
-    return _concat(parts), sigma_hat, gammas
-
-
-def _concat(parts) -> S.SamplerTable:
-    """Join one-step tables (same history form and ring size) into one; step k is ``parts[k]``."""
-    cat = lambda name: np.concatenate([getattr(p, name) for p in parts])
-    first = parts[0]
-    step = np.concatenate([np.full(p.num_rows, k, dtype=np.int64) for k, p in enumerate(parts)])
-    return S.SamplerTable(
-        name=first.name, history=first.history, num_slots=first.num_slots, sigma=cat("sigma"),
-        sigma_next=cat("sigma_next"), timestep=cat("timestep"), step=step, a=cat("a"), g_eps=cat("g_eps"),
-        b_new=cat("b_new"), c=cat("c"), b_slots=np.concatenate([p.b_slots for p in parts]),
-        write_slot=cat("write_slot"), lv_lo=cat("lv_lo"), lv_hi=cat("lv_hi"), options=dict(first.options))
+    return S.concat_tables(parts), sigma_hat, gammas
 
 
 def _run(model, x: Tensor, sigmas, table: S.SamplerTable, *, extra_args=None, callback=None, disable=None,
-         noise_sampler=None, noise_steps=(), sigma_hat=None, churn=None, churn_noise: float = 1.0) -> Tensor:
+         noise_sampler=None, noise_steps=(), noise_rows=None, sigma_hat=None, churn=None,
+         churn_noise: float = 1.0, info=None) -> Tensor:
     """Walk ``table`` with a k-diffusion denoiser: per row one model call, one fused update.
 
-    ``noise_steps``: the steps whose last row takes ``noise_sampler(sigmas[i], sigmas[i + 1])``.
+    ``noise_steps``: the steps whose last row takes ``noise_sampler(sigmas[i], sigmas[i + 1])``;
+    ``noise_rows``: instead, the rows that take ``noise_sampler(sigmas[i], table.sigma_next[row])``.
+    ``info(i) -> dict``: extra entries of the callback's dict for step i.
     ``churn`` (steps,): ``sqrt(sigma_hat^2 - sigma^2)`` added with ``randn_like(x) * churn_noise`` before the
     step's first model call where > 0 (outside the linear form: it comes before the model sees x).
     """
@@ -115,7 +111,8 @@ def _run(model, x: Tensor, sigmas, table: S.SamplerTable, *, extra_args=None, ca
     steps = table.num_steps
     first_row = np.searchsorted(table.step, np.arange(steps + 1))
     noise_steps = set(noise_steps)
-    if noise_sampler is None and noise_steps:
+    noise_rows = set(noise_rows or ())
+    if noise_sampler is None and (noise_steps or noise_rows):
         noise_sampler = lambda sigma, sigma_next: torch.randn_like(x)
     rng = range(steps)
     if disable is not None and not disable:
@@ -129,9 +126,13 @@ def _run(model, x: Tensor, sigmas, table: S.SamplerTable, *, extra_args=None, ca
             denoised = model(x, row_sigma[r] * s_in, **extra_args)
             if r == first_row[i] and callback is not None:
                 hat = sig_t[i] if sigma_hat is None else torch.as_tensor(sigma_hat[i], dtype=sig_t.dtype)
-                callback({"x": x, "i": i, "sigma": sig_t[i], "sigma_hat": hat, "denoised": denoised})
+                callback({"x": x, "i": i, "sigma": sig_t[i], "sigma_hat": hat, "denoised": denoised,
+                          **(info(i) if info is not None else {})})
             noise = None
-            if r == first_row[i + 1] - 1 and i in noise_steps:
+            if r in noise_rows:
+                nxt = torch.as_tensor(table.sigma_next[r], dtype=sig_t.dtype, device=sig_t.device)
+                noise = noise_sampler(sig_t[i], nxt).to(x.dtype)
+            elif r == first_row[i + 1] - 1 and i in noise_steps:
                 noise = noise_sampler(sig_t[i], sig_t[i + 1]).to(x.dtype)
             x = ops.sampler_step(x, denoised.to(x.dtype), hist, coef, row_ids[r].expand(n), noise=noise)
     return x
@@ -246,3 +247,66 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     return _run(model, x, sigmas, table, extra_args=extra_args, callback=callback, disable=disable,
                 noise_sampler=noise_sampler, noise_steps=_noisy_steps(sig, eta))
 
+
+
+@torch.no_grad()
+def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                           noise_sampler=None):
+    """Ancestral DPM-Solver-2 (k-diffusion); table :func:`fastdiff.samplers.dpm_2_ancestral`."""
+    _check_x(x)
+    sig = _host_sigmas(sigmas)
+    table = S.dpm_2_ancestral(sig, eta=eta, s_noise=s_noise)
+    steps = [i for i in range(sig.shape[0] - 1) if ancestral_down(sig, i, eta) > 0]
+    return _run(model, x, sigmas, table, extra_args=extra_args, callback=callback, disable=disable,
+                noise_sampler=noise_sampler, noise_steps=steps)
+
+
+def ancestral_down(sig: np.ndarray, i: int, eta: float) -> float:
+    return S.ancestral_step(float(sig[i]), float(sig[i + 1]), eta)[0]
+
+
+def _fast_orders(nfe: int) -> list:
+    """k-diffusion's ``dpm_solver_fast`` orders for ``nfe`` model calls: third order, ending in 2 and 1."""
+    m = nfe // 3 + 1
+    return [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
+
+
+@torch.no_grad()
+def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback=None, disable=None, eta=0.0,
+                    s_noise=1.0, noise_sampler=None):
+    """DPM-Solver-Fast (Lu et al. 2022, fixed steps uniform in ``t = -log sigma``, orders 3, ..., 3, 2, 1 for
+    ``n`` model calls); table :func:`fastdiff.samplers.dpm_solver`. The callback receives k-diffusion's dict
+    (with ``t`` and ``t_up``) once per step."""
+    if sigma_min <= 0 or sigma_max <= 0:
+        raise ValueError("sigma_min and sigma_max must not be 0")
+    _check_x(x)
+    if isinstance(n, bool) or int(n) < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    orders = _fast_orders(int(n))
+    t_start, t_end = -math.log(float(sigma_max)), -math.log(float(sigma_min))
+    ts = torch.linspace(t_start, t_end, len(orders) + 1, dtype=torch.float32)
+    sig = (-ts).exp()
+    table = S.dpm_solver(sig.double().numpy(), orders=orders, eta=eta, s_noise=s_noise)
+    sig_x = sig.to(device=x.device)
+
+    def info(i):
+        return {"t": ts[i], "t_up": ts[i]}
+
+    return _run(model, x, sig_x, table, extra_args=extra_args, callback=callback, disable=disable,
+                noise_sampler=noise_sampler, noise_steps=range(len(orders)), info=info)
+
+
+@torch.no_grad()
+def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                     noise_sampler=None, r=1 / 2):
+    """DPM-Solver++ (stochastic, two stages per step); table :func:`fastdiff.samplers.dpmpp_sde`.
+
+    ``noise_sampler=None`` draws ``randn_like(x)`` twice per step instead of k-diffusion's Brownian tree (see
+    the module docstring).
+    """
+    _check_x(x)
+    sig = _host_sigmas(sigmas)
+    table = S.dpmpp_sde(sig, eta=eta, s_noise=s_noise, r=r)
+    rows = [k for k in range(table.num_rows) if sig[table.step[k] + 1] > 0]
+    return _run(model, x, sigmas, table, extra_args=extra_args, callback=callback, disable=disable,
+                noise_sampler=noise_sampler, noise_rows=rows)

@@ -21,6 +21,9 @@ Lowerings, chosen by timing ONNX Runtime 1.31 on the CPU (2 shared cores, interl
   each other; all three are standard ONNX and selectable with ``group_norm=``). onnxscript's pattern
   rewriter gave nothing (4.19 s) and took half of the export time, so it is not run.
 - ``layer_norm_modulate``: ``LayerNormalization`` (opset 17) then ``* (1 + scale) + shift``;
+- ``qk_norm_rope``: ``ReduceMean`` of the squares, ``Sqrt``, ``Div`` and the weight in float32, then the pair
+  rotation as Reshape to (..., D/2, 2), two Slices, Neg, Concat and two Mul-Adds with cos/sin (under
+  export the ``out=`` form is the functional op and a copy into the caller's views);
 - ``attention``: ``MatMul -> Softmax -> MatMul`` with the scale split as ``sqrt(scale)`` on q and k. DiT-S/2
   at 256 px, batch 4: 1.585 s against 1.579 s for the opset-23 ``Attention`` op (``attention="attention"``),
   a tie, so the lowering that every opset >= 17 and every execution provider runs is the default.
@@ -38,6 +41,9 @@ import torch
 from torch import Tensor, nn
 
 from fastdiff import ops
+from fastdiff.io import check_output_path
+from fastdiff.model_cache import run_copy
+from fastdiff.models.common import label_table_size
 from fastdiff.samplers import (
     COL_A,
     COL_B0,
@@ -90,10 +96,13 @@ def translation_table(opset: int = DEFAULT_OPSET, group_norm: str = "instance_no
     def first(out):
         return out[0] if isinstance(out, (tuple, list)) else out
 
-    def group_norm_modulate(x, num_groups: int, weight=None, bias=None, scale=None, shift=None,
+    def group_norm_modulate(x, num_groups: int, weight=None, bias=None, scale=None, shift=None, pre_shift=None,
                             eps: float = 1e-5, activation: Optional[str] = None,
                             backend: Optional[str] = None):
         flat = op.Concat(op.Shape(x, start=0, end=2), op.Constant(value_ints=[-1]), axis=0)  # [N, C, -1]
+        out_shape = op.Shape(x)
+        if pre_shift is not None:  # x + pre_shift[n, c] before the statistics, as (N, C, S)
+            x = op.Add(op.Reshape(x, flat), op.Reshape(pre_shift, op.Constant(value_ints=[0, 0, 1])))
         if group_norm == "group_norm":
             c = op.Shape(x, start=1, end=2)
             w = weight if weight is not None else op.Expand(op.CastLike(1.0, x), c)
@@ -124,7 +133,7 @@ def translation_table(opset: int = DEFAULT_OPSET, group_norm: str = "instance_no
             z = op.Add(z, op.Reshape(shift, per_sample))
         if activation == "silu":
             z = op.Mul(z, op.Sigmoid(z))
-        return op.Reshape(z, op.Shape(x))
+        return op.Reshape(z, out_shape)
 
     def layer_norm_modulate(x, scale=None, shift=None, weight=None, bias=None, eps: float = 1e-6,
                             backend: Optional[str] = None):
@@ -165,10 +174,37 @@ def translation_table(opset: int = DEFAULT_OPSET, group_norm: str = "instance_no
         lse = op.ConstantOfShape(op.Constant(value_ints=[0]))  # the (0,) float32 placeholder of the op
         return out, lse
 
+    def qk_norm_rope(q, k, q_weight=None, k_weight=None, cos=None, sin=None, eps: float = 1e-6,
+                     backend: Optional[str] = None):
+        float32 = 1  # onnx.TensorProto.FLOAT: statistics and rotation in float32, as the op
+
+        def norm_rope(x, weight):
+            xf = op.Cast(x, to=float32)
+            sq = op.Mul(xf, xf)
+            if opset >= 18:
+                ms = op.ReduceMean(sq, op.Constant(value_ints=[-1]), keepdims=1)
+            else:
+                ms = op.ReduceMean(sq, axes=[-1], keepdims=1)
+            y = op.Div(xf, op.Sqrt(op.Add(ms, op.Constant(value_float=eps))))
+            if weight is not None:
+                y = op.Mul(y, op.Cast(weight, to=float32))
+            if cos is not None:  # pairs (y0, y1) -> (y0 c - y1 s, y1 c + y0 s)
+                pairs = op.Reshape(y, op.Constant(value_ints=[0, 0, 0, -1, 2]))
+                even = op.Slice(pairs, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]),
+                                op.Constant(value_ints=[4]))
+                odd = op.Slice(pairs, op.Constant(value_ints=[1]), op.Constant(value_ints=[2]),
+                               op.Constant(value_ints=[4]))
+                rotated = op.Reshape(op.Concat(op.Neg(odd), even, axis=4), op.Shape(y))
+                y = op.Add(op.Mul(y, op.Cast(cos, to=float32)), op.Mul(rotated, op.Cast(sin, to=float32)))
+            return op.CastLike(y, x)
+
+        return norm_rope(q, q_weight), norm_rope(k, k_weight)
+
     return {
         torch.ops.fastdiff.group_norm_modulate.default: group_norm_modulate,
         torch.ops.fastdiff.layer_norm_modulate.default: layer_norm_modulate,
         torch.ops.fastdiff.attention.default: attention_fn,
+        torch.ops.fastdiff.qk_norm_rope.default: qk_norm_rope,
     }
 
 
@@ -278,9 +314,11 @@ class _StepGraph(nn.Module):
     """
 
     def __init__(self, model: nn.Module, label_key: Optional[str], num_slots: int, *, guided: bool,
-                 y_null: Optional[int], learned_sigma: bool, learned_range: bool, clip_x0: Optional[float]):
+                 y_null: Optional[int], learned_sigma: bool, learned_range: bool, clip_x0: Optional[float],
+                 timestep_offset: int = 0):
         super().__init__()
         self.model = _ModelGraph(model, label_key)
+        self.timestep_offset = timestep_offset  # the network's timestep minus the table's (U-ViT latent: 1)
         self.num_slots, self.guided, self.y_null = num_slots, guided, y_null
         self.learned_sigma, self.learned_range, self.clip_x0 = learned_sigma, learned_range, clip_x0
 
@@ -288,7 +326,7 @@ class _StepGraph(nn.Module):
                 y: Optional[Tensor] = None, guidance_scale: Optional[Tensor] = None):
         n, ch = x.shape[0], x.shape[1]
         x_in = x * c_in.to(x.dtype)
-        t = timestep.to(torch.float32).reshape(1).expand(n)
+        t = timestep.to(torch.float32).reshape(1).expand(n) + self.timestep_offset
         if self.guided:
             y2 = None
             if y is not None:
@@ -345,7 +383,9 @@ def _export(module: nn.Module, args: tuple, kwargs: dict, path, *, input_names, 
             opset: int, metadata: dict, group_norm: str, attention: str, external_data: Optional[bool]):
     import onnx
 
-    path = os.fspath(path)
+    from fastdiff.io import atomic_files
+
+    path = check_output_path(path, "path")
     table = translation_table(opset, group_norm=group_norm, attention=attention)
     with torch.no_grad(), ops.backend("reference"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -359,8 +399,11 @@ def _export(module: nn.Module, args: tuple, kwargs: dict, path, *, input_names, 
     # the graph is checked before anything is written; weights above ~2 GB (protobuf's limit) or when
     # asked go to path + ".data" (the exporter's own large-model rule decides when external_data is None)
     check_standard_onnx(_graph_only_proto(program.model))
-    program.save(path, external_data=bool(external_data))
-    onnx.checker.check_model(path, full_check=True)
+    # written and checked in a staging folder under the final names (the graph names its data file
+    # relative to itself), then moved into place: a failed save or check leaves the old files intact
+    with atomic_files(path, argument="path") as staged:
+        program.save(staged, external_data=bool(external_data))
+        onnx.checker.check_model(staged, full_check=True)
     return path
 
 
@@ -443,10 +486,16 @@ def _model_metadata(model: nn.Module, denoiser, x: Tensor, label_key, batch, dyn
         "batch": None if dynamic_batch else batch,
         "conditional": label_key is not None,
         "num_classes": _num_classes(model),
+        "num_labels": label_table_size(model) if label_key is not None else None,  # valid labels: 0 .. n - 1
         "y_null": default_y_null(model, denoiser),
     }
     if denoiser is not None:
         meta.update(prediction=denoiser.prediction, learned_sigma=denoiser.learned_sigma)
+        # what fastdiff.load needs to rebuild the Denoiser from the graph alone
+        meta.update(schedule=_schedule_metadata(denoiser.schedule), classes=getattr(denoiser, "num_classes", None),
+                    default_guidance_scale=getattr(denoiser, "default_guidance_scale", 1.0),
+                    latent_scale=getattr(denoiser, "latent_scale", None),
+                    timestep_offset=int(getattr(denoiser.model_fn, "timestep_offset", 0)))
     return meta
 
 
@@ -474,7 +523,9 @@ def to_onnx(model_or_denoiser, path, example_batch: int = 2, dynamic_batch: bool
     """
     opset = _check_opset(opset)
     batch = _check_batch(example_batch)
+    path = check_output_path(path, "path")  # a missing folder fails here, before the export's work
     model, denoiser = _split(model_or_denoiser)
+    model = run_copy(model, eval=True)  # tracing runs in eval mode: a cached eval copy if yours is not
     x, t, label_key, y = _example_inputs(model, batch, input_shape)
     module = _ModelGraph(model, label_key)
     names = ["x", "timesteps"] + (["y"] if label_key is not None else [])
@@ -538,7 +589,9 @@ def step_to_onnx(denoiser, sampler, path, *, guidance: Optional[bool] = None, y_
         raise ValueError(f"frame must be 'sigma' or 'vp', got {frame!r}")
     opset = _check_opset(opset)
     batch = _check_batch(example_batch)
+    path = check_output_path(path, "path")  # a missing folder fails here, before the export's work
     model, _ = _split(denoiser)
+    model = run_copy(model, eval=True)  # tracing runs in eval mode: a cached eval copy if yours is not
     options = dict(sampler_options or {})
     table = _step_table(denoiser, sampler, steps, options)
     x, _, label_key, y = _example_inputs(model, batch, input_shape)
@@ -553,7 +606,8 @@ def step_to_onnx(denoiser, sampler, path, *, guidance: Optional[bool] = None, y_
     s = table.num_slots
     module = _StepGraph(model, label_key, s, guided=bool(guidance), y_null=y_null,
                         learned_sigma=denoiser.learned_sigma, learned_range=bool(table.learned_range),
-                        clip_x0=denoiser.clip_x0)
+                        clip_x0=denoiser.clip_x0,
+                        timestep_offset=int(getattr(denoiser.model_fn, "timestep_offset", 0)))
     args = [x.float() if x.dtype == torch.float64 else x, torch.tensor(500.0), torch.tensor(0.5),
             torch.full((COL_SLOTS + s,), 0.5), torch.zeros((s, *x.shape)), torch.zeros_like(x)]
     names = ["x", "timestep", "c_in", "coef", "history", "noise"]
@@ -594,9 +648,16 @@ def _jsonable(options: dict) -> dict:
 
 
 def _schedule_metadata(schedule) -> Optional[dict]:
-    """Enough to rebuild a VPSchedule from the graph alone (its alphas_cumprod), else None."""
-    from fastdiff.schedules import VPSchedule
+    """Enough to rebuild the schedule from the graph alone (a VPSchedule's alphas_cumprod, an SDE's
+    parameters), else None."""
+    from fastdiff.schedules import VESDESchedule, VPSchedule, VPSDESchedule
 
     if isinstance(schedule, VPSchedule):
         return {"type": "VPSchedule", "alphas_cumprod": [float(a) for a in schedule.alphas_cumprod]}
+    if isinstance(schedule, VPSDESchedule):
+        return {"type": "VPSDESchedule", "beta_min": schedule.beta_min, "beta_max": schedule.beta_max,
+                "eps": schedule.eps, "time_scale": schedule.time_scale}
+    if isinstance(schedule, VESDESchedule):
+        return {"type": "VESDESchedule", "sigma_min": schedule.sigma_min, "sigma_max": schedule.sigma_max,
+                "timestep": schedule.timestep}
     return None

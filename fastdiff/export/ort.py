@@ -42,14 +42,37 @@ def default_providers(device=None) -> list:
     return ["CPUExecutionProvider"]
 
 
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def graph_metadata(path, argument: str = "path") -> dict:
+    """The fastdiff metadata of the ONNX file at ``path``, after checking that the file exists and parses:
+    FileNotFoundError / ValueError naming ``argument`` and the path otherwise."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"{argument} must be the path of an .onnx file, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{argument}: ONNX file {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise ValueError(f"{argument}: {path!r} is not a file")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{argument}: ONNX file {path!r} is empty (0 bytes)")
+    try:
+        return read_metadata(path)
+    except Exception as e:  # protobuf's DecodeError, bad JSON in the metadata
+        raise ValueError(f"{argument}: {path!r} is not a readable ONNX graph (truncated or corrupt): "
+                         f"{_first_line(e)}") from None
+
+
 def _session(path, providers, device=None, stream: Optional[int] = None):
     """An InferenceSession; on CUDA, ``stream`` (a nonzero cudaStream_t of torch) becomes ORT's compute
     stream, so torch and ORT order their work on one stream without synchronising."""
     import onnxruntime as ort
 
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ValueError(f"path {path!r} does not exist")
+    graph_metadata(path)  # a missing or corrupt file: the clear error
     providers = list(providers) if providers is not None else default_providers(device)
     names = [p[0] if isinstance(p, tuple) else p for p in providers]
     if "CUDAExecutionProvider" in names and torch.cuda.is_available():
@@ -63,7 +86,15 @@ def _session(path, providers, device=None, stream: Optional[int] = None):
                      for p, n in zip(providers, names, strict=True)]
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(path, options, providers=providers)
+    available = ort.get_available_providers()
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise ValueError(f"providers: {unknown} are not available here; available: {available}")
+    try:
+        return ort.InferenceSession(path, options, providers=providers)
+    except Exception as e:  # a truncated graph or external-data file, an invalid model
+        raise ValueError(f"path: ONNX Runtime cannot load {path!r} (truncated, corrupt, or its external data "
+                         f"missing): {_first_line(e)}") from None
 
 
 def _uses_cuda(session) -> bool:
@@ -129,7 +160,8 @@ class OrtDenoiser:
         path: a graph written by :func:`fastdiff.export.to_onnx`.
         providers: ONNX Runtime execution providers (default: CUDA where onnxruntime-gpu sees a GPU,
             else CPU).
-    Attributes: ``metadata`` (the export's fastdiff metadata), ``num_classes``, ``in_channels``,
+    Attributes: ``metadata`` (the export's fastdiff metadata), ``num_classes``, ``y_null`` (the null label
+    stored in the graph, used for classifier-free guidance), ``in_channels``,
     ``input_shape``, ``batch`` (None when the batch is dynamic), ``dtype`` (the graph's input dtype). Inputs
     may live on any device and have any float dtype; the output comes back on x's device in x's dtype.
     It is not an ``nn.Module``: engines skip ``.to()``, channels_last and torch.compile for it, and a CUDA
@@ -138,8 +170,8 @@ class OrtDenoiser:
     """
 
     def __init__(self, path, providers: Optional[Sequence] = None):
+        self.metadata = graph_metadata(path)
         self.path = os.fspath(path)
-        self.metadata = read_metadata(self.path) if os.path.exists(self.path) else {}
         if self.metadata.get("kind", "model") != "model":
             raise ValueError(f"{self.path!r} is a {self.metadata.get('kind')!r} graph; OrtDenoiser takes "
                              "a model graph from fastdiff.export.to_onnx (step graphs go to "
@@ -149,10 +181,14 @@ class OrtDenoiser:
         names = [i.name for i in self.session.get_inputs()]
         self.conditional = "y" in names
         self.num_classes = self.metadata.get("num_classes")
+        # the null label stored at export: fastdiff.sample and Denoiser read it off the model for guidance
+        self.y_null = self.metadata.get("y_null") if self.conditional else None
         self.input_shape = tuple(self.metadata.get("input_shape") or self.session.get_inputs()[0].shape[1:])
         self.in_channels = self.input_shape[0]
         self.batch = self.metadata.get("batch")
         self.dtype = getattr(torch, self.metadata.get("dtype", "float32"))  # the graph's input dtype
+        self.y_null = self.metadata.get("y_null")
+        self.num_labels = _label_rows(self.metadata) if self.conditional else None
         self.training = False
 
     def __repr__(self) -> str:
@@ -199,11 +235,7 @@ class OrtDenoiser:
         if self.conditional:
             if y is None:
                 raise ValueError("this graph is class-conditional: pass y, (N,) integer labels")
-            yt = torch.as_tensor(y, device=x.device)
-            yt = yt.reshape(1).expand(n) if yt.numel() == 1 else yt
-            if tuple(yt.shape) != (n,):
-                raise ValueError(f"y must have shape (N,) = ({n},), got {tuple(yt.shape)}")
-            feeds["y"] = yt.to(torch.int64)
+            feeds["y"] = _labels(y, n, x.device, self.metadata)
         elif y is not None:
             raise ValueError("this graph is unconditional: y must be None")
         shapes = {self._runner.outputs[0]: (self._out_shape(x), self.dtype)}
@@ -216,8 +248,8 @@ class OrtStep:
     y=None, guidance_scale=None) -> (x_next, history_next)`` on torch tensors."""
 
     def __init__(self, path, providers: Optional[Sequence] = None, device=None, stream: Optional[int] = None):
+        self.metadata = graph_metadata(path)
         self.path = os.fspath(path)
-        self.metadata = read_metadata(self.path) if os.path.exists(self.path) else {}
         if self.metadata.get("kind") != "step":
             raise ValueError(f"{self.path!r} is not a step graph from fastdiff.export.step_to_onnx")
         self.session = _session(self.path, providers, device, stream)
@@ -250,11 +282,16 @@ def initial_state(schedule, sigma_max: float, noise: Tensor, frame: str = "sigma
 
 
 def _schedule_from_metadata(meta: dict):
-    from fastdiff.schedules import VPSchedule
+    """The schedule stored by ``fastdiff.export.onnx._schedule_metadata``, or None."""
+    from fastdiff import schedules
 
     sched = meta.get("schedule")
-    if sched and sched.get("type") == "VPSchedule":
-        return VPSchedule(alphas_cumprod=np.asarray(sched["alphas_cumprod"], dtype=np.float64))
+    if not sched:
+        return None
+    if sched.get("type") == "VPSchedule":
+        return schedules.VPSchedule(alphas_cumprod=np.asarray(sched["alphas_cumprod"], dtype=np.float64))
+    if sched.get("type") in ("VPSDESchedule", "VESDESchedule"):
+        return getattr(schedules, sched["type"])(**{k: v for k, v in sched.items() if k != "type"})
     return None
 
 
@@ -272,17 +309,34 @@ class _MetaDenoiser:
         return self._d.x0_coefficients(sigma)
 
 
-def _labels(y, n: int, device) -> Optional[Tensor]:
+def _label_rows(meta: dict) -> Optional[int]:
+    """How many labels a graph's label table takes (the null label included), from its metadata."""
+    if meta.get("num_labels") is not None:
+        return int(meta["num_labels"])
+    counts = [int(meta["num_classes"])] if meta.get("num_classes") is not None else []
+    if meta.get("y_null") is not None:
+        counts.append(int(meta["y_null"]) + 1)
+    return max(counts) if counts else None
+
+
+def _labels(y, n: int, device, meta: Optional[dict] = None) -> Optional[Tensor]:
+    """``y`` (an int or (N,) integer labels) as an int64 (N,) tensor, checked against the graph's label
+    table (an index outside it fails inside ONNX Runtime's Gather, or reads garbage on a GPU)."""
+    from fastdiff.models.common import check_labels
+
     if y is None:
         return None
-    yt = torch.as_tensor(y, device=device)
-    if yt.dim() == 0 or yt.numel() == 1:
+    if isinstance(y, bool) or isinstance(y, float):
+        raise ValueError(f"y must be an int or an integer tensor of shape ({n},), got {y!r}")
+    try:
+        yt = torch.as_tensor(y, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"y must be an int or an integer tensor of shape ({n},), got {type(y).__name__}") from None
+    if yt.dim() == 0 or (yt.dim() == 1 and yt.numel() == 1):  # one label for every sample
         yt = yt.reshape(1).expand(n)
-    if tuple(yt.shape) != (n,):
-        raise ValueError(f"y must be an int or have shape (N,) = ({n},), got {tuple(yt.shape)}")
-    if yt.is_floating_point():
-        raise ValueError(f"y must hold integer class labels, got {yt.dtype}")
-    return yt.to(torch.int64).contiguous()
+    rows = _label_rows(meta or {})
+    null = (meta or {}).get("y_null")
+    return check_labels(yt, n, rows if rows is not None else 2 ** 62, "y", null_label=null).contiguous()
 
 
 _EXPORTS: dict = {}  # (ids, weights' versions, options) -> (weakrefs to denoiser and model, step graph path)
@@ -380,10 +434,15 @@ def sample_onnxruntime(denoiser_or_path, shape: Sequence[int], sampler: str = "d
             ``fastdiff.export.onnx.default_y_null``).
         x_T: the starting state (N, C, ...) instead of :func:`initial_state` from the seeds' first draw.
         return_table: return ``(samples, DeviceTable)`` (for callers that compare with the PyTorch loop).
-    Extra keyword arguments of ``fastdiff.sample`` that do not apply here are accepted and ignored.
+    Keyword arguments of ``fastdiff.sample`` that do not apply here (``batch_size``, ``compile``,
+    ``cuda_graph``, ``channels_last``, ``memory_budget``, ``distributed``, ``backend``, ``prediction``,
+    ``learned_sigma``, ``runtime``) are accepted and ignored; ``callback`` and ``model_kwargs`` are
+    refused when given; any other keyword raises TypeError naming it (with the closest known name).
     """
     from fastdiff.denoiser import Denoiser
     from fastdiff.export.onnx import step_to_onnx
+
+    _check_runtime_kwargs(kwargs)
 
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2 or any(s < 0 for s in shape):
@@ -401,7 +460,7 @@ def sample_onnxruntime(denoiser_or_path, shape: Sequence[int], sampler: str = "d
         schedule, coef_source = denoiser.schedule, denoiser
     elif isinstance(denoiser_or_path, (str, os.PathLike)):
         path = os.fspath(denoiser_or_path)
-        meta = read_metadata(path) if os.path.exists(path) else {}
+        meta = graph_metadata(path, "denoiser_or_path")
         if meta.get("kind") == "model":
             raise ValueError(f"{path!r} is a model graph: wrap it as Denoiser(OrtDenoiser(path), schedule) "
                              "and use fastdiff.sample, or export a step graph with "
@@ -429,6 +488,29 @@ def sample_onnxruntime(denoiser_or_path, shape: Sequence[int], sampler: str = "d
     samples = result[0] if return_table else result
     samples.record_stream(caller)  # allocated on our stream, read on the caller's
     return result
+
+
+# fastdiff.sample's keywords that mean nothing to a step graph run by ONNX Runtime
+_SAMPLE_ONLY = ("batch_size", "compile", "cuda_graph", "channels_last", "memory_budget", "distributed", "backend",
+                "prediction", "learned_sigma", "runtime")
+
+
+def _check_runtime_kwargs(kwargs: dict) -> None:
+    import difflib
+    import inspect
+
+    for key in ("callback", "model_kwargs"):
+        if kwargs.get(key):
+            raise ValueError(f"{key} is not supported with the ONNX Runtime runtime (the step graph runs whole "
+                             "steps); use runtime='torch'")
+    unknown = sorted(k for k in kwargs if k not in _SAMPLE_ONLY + ("callback", "model_kwargs"))
+    if unknown:
+        known = [p for p in inspect.signature(sample_onnxruntime).parameters if p != "kwargs"]
+        known += list(_SAMPLE_ONLY)
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise TypeError(f"sample_onnxruntime() got an unexpected keyword argument {unknown[0]!r}{hint}"
+                        + (f"; also {unknown[1:]}" if len(unknown) > 1 else ""))
 
 
 def _loop(step: OrtStep, coef_source, schedule, shape, sampler, steps, guidance_scale, y, seeds, progress,
@@ -474,7 +556,7 @@ def _loop(step: OrtStep, coef_source, schedule, shape, sampler, steps, guidance_
             raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
         x = x_T
     x = x.to(run_device, torch.float32).contiguous()
-    labels = _labels(y, n, run_device)
+    labels = _labels(y, n, run_device, meta)
     if "y" in step.names and labels is None:
         raise ValueError("this model is class-conditional: pass y")
     if "y" not in step.names and labels is not None:

@@ -8,7 +8,7 @@ alignment/divisibility specialisation the JIT would apply) and ``archs`` (the co
 this configuration is meant for; all by default).
 """
 
-KERNEL_MODULES = ("modulated_norm", "attention", "sampler_step")
+KERNEL_MODULES = ("modulated_norm", "attention", "sampler_step", "qk_norm_rope")
 
 
 def build_spec(name, fn, types=None, constexprs=None, num_warps=4, num_stages=1) -> dict:

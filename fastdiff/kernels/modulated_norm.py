@@ -1,11 +1,14 @@
 """Conditioning norms: GroupNorm and LayerNorm with per-sample scale/shift (and SiLU) fused.
 
-    group_norm_modulate:  out = act((GN(x) * w[c] + b[c]) * (1 + scale[n, c]) + shift[n, c])
+    group_norm_modulate:  out = act((GN(u) * w[c] + b[c]) * (1 + scale[n, c]) + shift[n, c]),
+                          u = x + pre_shift[n, c] (pre_shift optional, never materialised)
     layer_norm_modulate:  out = (LN(x) * w[d] + b[d]) * (1 + scale[n, d]) + shift[n, d]
 
 Statistics are float32 on "shifted data": every (sample, group) or row subtracts its first element
 (the pivot) before the moments, so an input with a large common offset keeps its precision
 (``x - pivot`` is exact for nearby floats; what is left to average is of the order of the spread).
+With a pre_shift the pivot is the first element of u, and u - pivot is formed as
+``(x - x[first]) + (pre_shift[c] - pre_shift[first])``, each difference of the order of a spread.
 
 GroupNorm works on x viewed as (N, C, S), S the flattened spatial dims, through strides: NCHW
 (channel stride S, spatial stride 1) and channels_last (channel stride 1, spatial stride C) are the
@@ -97,6 +100,27 @@ def _channel_coefficients(n, c, c_mask, W, B, SCALE, SHIFT, stride_sn, stride_tn
 
 
 @triton.jit
+def _group_pivot(X, PRE, n, g, c, c_mask, CG, stride_xc, stride_pn, HAS_PRE: tl.constexpr):
+    """(pivot, delta): x at the group's first element, and per channel pre_shift[n, c] - pre_shift[n, first]
+    (unused without a pre_shift); (x - pivot) + delta[c] is u minus its first element (see _shifted)."""
+    pivot = tl.load(X + g * CG * stride_xc).to(tl.float32)
+    delta = tl.zeros(c.shape, tl.float32)
+    if HAS_PRE:
+        pre = PRE + n * stride_pn
+        delta = tl.load(pre + c, mask=c_mask, other=0.0).to(tl.float32) - tl.load(pre + g * CG).to(tl.float32)
+    return pivot, delta
+
+
+@triton.jit
+def _shifted(x, pivot, delta, mask, HAS_PRE: tl.constexpr):
+    """The tile of u = x + pre_shift minus the group's first element of u, zero outside the mask."""
+    d = x - pivot
+    if HAS_PRE:
+        d = d + delta[:, None]
+    return tl.where(mask, d, 0.0)
+
+
+@triton.jit
 def _gn_tile(chunk, g, CG, S, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """Channels c, positions s and mask of the chunk-th spatial tile of group g."""
     cc = tl.arange(0, BLOCK_C)
@@ -135,23 +159,26 @@ def _gn_forward_kernel(
     B,          # (C,) GroupNorm bias, or a dummy
     SCALE,      # (N, C) per-sample scale, channel stride 1, or a dummy
     SHIFT,      # (N, C) per-sample shift, channel stride 1, or a dummy
-    MEAN,       # (N * G,) float32 group mean of x - pivot (read in MODE 2)
+    PRE,        # (N, C) pre_shift added to x before the statistics, channel stride 1, or a dummy
+    MEAN,       # (N * G,) float32 group mean of u - pivot (read in MODE 2)
     RSTD,       # (N * G,) float32 1 / sqrt(var + eps) (read in MODE 2)
     stride_xn, stride_xc, stride_xs,
     stride_on, stride_oc, stride_os,
     stride_sn,  # scale's sample stride
     stride_tn,  # shift's sample stride
+    stride_pn,  # pre_shift's sample stride
     G,          # groups
     CG,         # channels per group
     S,          # spatial size
     eps,
     MODE: tl.constexpr,  # 0: slab = one tile; 1: one program loops over the slab; 2: one tile, given stats
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HAS_PRE: tl.constexpr,
     SILU: tl.constexpr,
     BLOCK_C: tl.constexpr,  # >= CG, power of two
     BLOCK_S: tl.constexpr,  # spatial positions per tile
 ):
-    """out = act((x - mean) * rstd * w + b) * (1 + scale) + shift).
+    """out = act((u - mean) * rstd * w + b) * (1 + scale) + shift), u = x + pre_shift.
 
     Grid (N * G, K). MODE 0 (K = 1): the (n, g) slab is one tile; statistics in registers; x read
     once, out written once. MODE 1 (K = 1): the program walks the slab twice, moments by Chan's
@@ -165,11 +192,11 @@ def _gn_forward_kernel(
     g = pid % G
     X += n.to(tl.int64) * stride_xn
     OUT += n.to(tl.int64) * stride_on
-    pivot = tl.load(X + g * CG * stride_xc).to(tl.float32)
     c, s, mask, c_mask = _gn_tile(chunk, g, CG, S, BLOCK_C, BLOCK_S)
+    pivot, delta = _group_pivot(X, PRE, n, g, c, c_mask, CG, stride_xc, stride_pn, HAS_PRE)
     if MODE == 0:
         x = tl.load(X + _offsets(c, s, stride_xc, stride_xs), mask=mask, other=0.0).to(tl.float32)
-        d = tl.where(mask, x - pivot, 0.0)
+        d = _shifted(x, pivot, delta, mask, HAS_PRE)
         mean, m2 = _tile_moments(d, mask, CG * S)
         rstd = 1.0 / tl.sqrt(m2 / (CG * S) + eps)
     elif MODE == 1:
@@ -179,19 +206,21 @@ def _gn_forward_kernel(
             c, s, mask, c_mask = _gn_tile(i, g, CG, S, BLOCK_C, BLOCK_S)
             x = tl.load(X + _offsets(c, s, stride_xc, stride_xs), mask=mask, other=0.0).to(tl.float32)
             count = CG * tl.minimum(S - i * BLOCK_S, BLOCK_S)
-            chunk_mean, chunk_m2 = _tile_moments(tl.where(mask, x - pivot, 0.0), mask, count)
+            chunk_mean, chunk_m2 = _tile_moments(_shifted(x, pivot, delta, mask, HAS_PRE), mask, count)
             seen = CG * i * BLOCK_S  # elements combined so far
-            delta = chunk_mean - mean
-            mean += delta * count / (seen + count)
-            m2 += chunk_m2 + delta * delta * seen * count / (seen + count)
+            step = chunk_mean - mean
+            mean += step * count / (seen + count)
+            m2 += chunk_m2 + step * step * seen * count / (seen + count)
         rstd = 1.0 / tl.sqrt(m2 / (CG * S) + eps)
     else:
         mean = tl.load(MEAN + pid)
         rstd = tl.load(RSTD + pid)
     alpha, beta = _channel_coefficients(n, c, c_mask, W, B, SCALE, SHIFT, stride_sn, stride_tn,
                                         HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
-    a = alpha * rstd  # z = (x - pivot - mean) * rstd * alpha + beta = (x - pivot) * a + b
+    a = alpha * rstd  # z = (u - pivot - mean) * rstd * alpha + beta = (x - pivot) * a + b
     b = beta - mean * a
+    if HAS_PRE:
+        b += delta * a
     num_tiles = tl.cdiv(S, BLOCK_S) if MODE == 1 else 1
     for i in range(0, num_tiles):
         if MODE == 1:
@@ -207,11 +236,14 @@ def _gn_forward_kernel(
 @triton.jit
 def _gn_partial_moments_kernel(
     X,          # (N, C, S) input
-    PART_MEAN,  # (N * G, K) float32 chunk mean of x - pivot
+    PRE,        # (N, C) pre_shift, or a dummy
+    PART_MEAN,  # (N * G, K) float32 chunk mean of u - pivot
     PART_M2,    # (N * G, K) float32 chunk centred sum of squares
     stride_xn, stride_xc, stride_xs,
+    stride_pn,
     G, CG, S,
     K,          # chunks per (n, g) = cdiv(S, BLOCK_S)
+    HAS_PRE: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
@@ -220,11 +252,11 @@ def _gn_partial_moments_kernel(
     chunk = tl.program_id(1)
     n = pid // G
     g = pid % G
-    c, s, mask, _ = _gn_tile(chunk, g, CG, S, BLOCK_C, BLOCK_S)
+    c, s, mask, c_mask = _gn_tile(chunk, g, CG, S, BLOCK_C, BLOCK_S)
     X += n.to(tl.int64) * stride_xn
-    pivot = tl.load(X + g * CG * stride_xc).to(tl.float32)
+    pivot, delta = _group_pivot(X, PRE, n, g, c, c_mask, CG, stride_xc, stride_pn, HAS_PRE)
     x = tl.load(X + _offsets(c, s, stride_xc, stride_xs), mask=mask, other=0.0).to(tl.float32)
-    d = tl.where(mask, x - pivot, 0.0)
+    d = _shifted(x, pivot, delta, mask, HAS_PRE)
     count = CG * tl.minimum(S - chunk * BLOCK_S, BLOCK_S)
     mean, m2 = _tile_moments(d, mask, count)
     tl.store(PART_MEAN + pid * K + chunk, mean)
@@ -235,7 +267,7 @@ def _gn_partial_moments_kernel(
 def _gn_combine_moments_kernel(
     PART_MEAN,  # (N * G, K) float32
     PART_M2,    # (N * G, K) float32
-    MEAN,       # (N * G,) float32 out: mean of x - pivot
+    MEAN,       # (N * G,) float32 out: mean of u - pivot
     RSTD,       # (N * G,) float32 out
     CG, S, K,
     eps,
@@ -267,21 +299,23 @@ def _gn_backward_kernel(
     X,          # (N, C, S) input
     DOUT,       # (N, C, S) incoming gradient, strides (stride_gn, stride_gc, stride_gs)
     DX,         # (N, C, S) out, strides (stride_dn, stride_dc, stride_ds)
-    W, B, SCALE, SHIFT,        # as in the forward
+    W, B, SCALE, SHIFT, PRE,   # as in the forward
     MEAN, RSTD,                # (N * G,) statistics (read unless PHASE is 0)
     GSUM,       # (N * G, K, 2) float32 per-chunk sums of dxhat and dxhat * xhat
     DSCALE,     # (N, C, K) float32 per-chunk sums of dz * y
     DSHIFT,     # (N, C, K) float32 per-chunk sums of dz
     DW,         # (N, C, K) float32 per-chunk sums of dy * xhat
     DB,         # (N, C, K) float32 per-chunk sums of dy
+    DPRE,       # (N, C, K) float32 per-chunk sums of dx (the gradient of pre_shift), when HAS_PRE
     stride_xn, stride_xc, stride_xs,
     stride_gn, stride_gc, stride_gs,
     stride_dn, stride_dc, stride_ds,
-    stride_sn, stride_tn,
+    stride_sn, stride_tn, stride_pn,
     G, CG, S, K,
     eps,
     PHASE: tl.constexpr,  # 0: whole slab in one tile, everything; 1: per-chunk sums; 2: dx from GSUM
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HAS_PRE: tl.constexpr,
     SILU: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -289,7 +323,7 @@ def _gn_backward_kernel(
 
         dz = dout * act'(z);  dshift = sum_s dz;  dscale = sum_s dz * y;  dy = dz * (1 + scale)
         db = sum_s dy;  dw = sum_s dy * xhat;  dxhat = dy * w
-        dx = rstd * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat))
+        dx = rstd * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat));  dpre_shift = sum_s dx
 
     PHASE 0 reads x and dout once and writes dx once. Larger slabs run PHASE 1 (reads x, dout; writes
     the per-chunk sums) then PHASE 2 (reads x, dout again; writes dx).
@@ -302,9 +336,9 @@ def _gn_backward_kernel(
     X += n.to(tl.int64) * stride_xn
     DOUT += n.to(tl.int64) * stride_gn
     DX += n.to(tl.int64) * stride_dn
-    pivot = tl.load(X + g * CG * stride_xc).to(tl.float32)
+    pivot, delta = _group_pivot(X, PRE, n, g, c, c_mask, CG, stride_xc, stride_pn, HAS_PRE)
     x = tl.load(X + _offsets(c, s, stride_xc, stride_xs), mask=mask, other=0.0).to(tl.float32)
-    d = tl.where(mask, x - pivot, 0.0)
+    d = _shifted(x, pivot, delta, mask, HAS_PRE)
     if PHASE == 0:
         mean, m2 = _tile_moments(d, mask, CG * S)
         rstd = 1.0 / tl.sqrt(m2 / (CG * S) + eps)
@@ -323,8 +357,8 @@ def _gn_backward_kernel(
     if HAS_W:
         dxhat = dy * tl.load(W + c, mask=c_mask, other=1.0).to(tl.float32)[:, None]
     dxhat = tl.where(mask, dxhat, 0.0)
+    pc = (n * CG * G + c).to(tl.int64) * K + chunk  # (N, C, K) partial index
     if PHASE != 2:
-        pc = (n * CG * G + c).to(tl.int64) * K + chunk  # (N, C, K) partial index
         tl.store(DSHIFT + pc, tl.sum(dz, axis=1), mask=c_mask)
         tl.store(DSCALE + pc, tl.sum(dz * y, axis=1), mask=c_mask)
         tl.store(DB + pc, tl.sum(dy, axis=1), mask=c_mask)
@@ -343,6 +377,8 @@ def _gn_backward_kernel(
         count = CG * S
         dx = rstd * (dxhat - sum_g / count - xhat * (sum_gx / count))
         tl.store(DX + _offsets(c, s, stride_dc, stride_ds), dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_PRE:
+            tl.store(DPRE + pc, tl.sum(tl.where(mask, dx, 0.0), axis=1), mask=c_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -504,14 +540,14 @@ def _prepare_vectors(*ts: Optional[Tensor]) -> list[Optional[Tensor]]:
     return [t if t is None or t.stride(-1) == 1 else t.contiguous() for t in ts]
 
 
-def _gn_moments(x, strides, n, g, cg, s, eps, block_c, block_s, k):
+def _gn_moments(x, pre_shift, strides, n, g, cg, s, eps, block_c, block_s, k):
     mean = torch.empty(n * g, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     part_mean = torch.empty(n * g, k, device=x.device, dtype=torch.float32)
     part_m2 = torch.empty_like(part_mean)
     _gn_partial_moments_kernel[(n * g, k)](
-        x, part_mean, part_m2, *strides, g, cg, s, k,
-        BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_num_warps(block_c * block_s))
+        x, _dummy(x, pre_shift), part_mean, part_m2, *strides, _row_stride(pre_shift), g, cg, s, k,
+        HAS_PRE=pre_shift is not None, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_num_warps(block_c * block_s))
     _gn_combine_moments_kernel[(n * g,)](
         part_mean, part_m2, mean, rstd, cg, s, k, eps,
         BLOCK_S=block_s, BLOCK_K=triton.next_power_of_2(k), num_warps=4)
@@ -520,7 +556,8 @@ def _gn_moments(x, strides, n, g, cg, s, eps, block_c, block_s, k):
 
 def group_norm_modulate_forward(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
                                 scale: Optional[Tensor], shift: Optional[Tensor], eps: float,
-                                activation: Optional[str], max_tile: Optional[int] = None) -> Tensor:
+                                activation: Optional[str], pre_shift: Optional[Tensor] = None,
+                                max_tile: Optional[int] = None) -> Tensor:
     """Launch the forward; inputs are validated by ``fastdiff.ops.group_norm_modulate``.
 
     ``max_tile`` caps the elements per program (tests lower it to exercise the split path).
@@ -531,7 +568,7 @@ def group_norm_modulate_forward(x: Tensor, num_groups: int, weight: Optional[Ten
     x, strides = _as_ncs(x)
     out = torch.empty_like(x)
     o_strides = _flat_spatial(out)
-    weight, bias, scale, shift = _prepare_vectors(weight, bias, scale, shift)
+    weight, bias, scale, shift, pre_shift = _prepare_vectors(weight, bias, scale, shift, pre_shift)
     block_c, block_s, k = _gn_blocks(cg, s, max_tile or MAX_TILE_FWD)
     empty = torch.empty(0, device=x.device, dtype=torch.float32)
     mean = rstd = empty
@@ -542,20 +579,22 @@ def group_norm_modulate_forward(x: Tensor, num_groups: int, weight: Optional[Ten
         block_c, block_s, _ = _gn_blocks(cg, s, min(max_tile or LOOP_TILE, LOOP_TILE))
     else:
         mode = 2
-        mean, rstd = _gn_moments(x, strides, n, g, cg, s, eps, block_c, block_s, k)
+        mean, rstd = _gn_moments(x, pre_shift, strides, n, g, cg, s, eps, block_c, block_s, k)
     _gn_forward_kernel[(n * g, k)](
-        x, out, _dummy(x, weight), _dummy(x, bias), _dummy(x, scale), _dummy(x, shift), mean, rstd,
-        *strides, *o_strides, _row_stride(scale), _row_stride(shift), g, cg, s, eps,
-        MODE=mode, HAS_W=weight is not None, HAS_B=bias is not None,
-        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=activation == "silu",
+        x, out, _dummy(x, weight), _dummy(x, bias), _dummy(x, scale), _dummy(x, shift), _dummy(x, pre_shift),
+        mean, rstd, *strides, *o_strides, _row_stride(scale), _row_stride(shift), _row_stride(pre_shift),
+        g, cg, s, eps, MODE=mode, HAS_W=weight is not None, HAS_B=bias is not None,
+        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_PRE=pre_shift is not None,
+        SILU=activation == "silu",
         BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_num_warps(block_c * block_s))
     return out
 
 
 def group_norm_modulate_backward(grad: Tensor, x: Tensor, num_groups: int, weight: Optional[Tensor],
                                  bias: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
-                                 eps: float, activation: Optional[str], max_tile: Optional[int] = None):
-    """(dx, dweight, dbias, dscale, dshift) for the forward above; all five always returned."""
+                                 eps: float, activation: Optional[str], pre_shift: Optional[Tensor] = None,
+                                 max_tile: Optional[int] = None):
+    """(dx, dweight, dbias, dscale, dshift, dpre_shift) for the forward above; all six always returned."""
     n, c = x.shape[:2]
     s = math.prod(x.shape[2:])
     g, cg = num_groups, c // num_groups
@@ -563,29 +602,31 @@ def group_norm_modulate_backward(grad: Tensor, x: Tensor, num_groups: int, weigh
     grad, g_strides = _as_ncs(grad)
     dx = torch.empty_like(x)
     d_strides = _flat_spatial(dx)
-    weight, bias, scale, shift = _prepare_vectors(weight, bias, scale, shift)
+    weight, bias, scale, shift, pre_shift = _prepare_vectors(weight, bias, scale, shift, pre_shift)
     block_c, block_s, k = _gn_blocks(cg, s, max_tile or MAX_TILE_BWD)
     f32 = dict(device=x.device, dtype=torch.float32)
-    partials = [torch.empty(n, c, k, **f32) for _ in range(4)]  # dscale, dshift, dw, db
+    partials = [torch.empty(n, c, k, **f32) for _ in range(5)]  # dscale, dshift, dw, db, dpre_shift
     gsum = torch.empty(n * g, k, 2, **f32)
     if k == 1:
         mean = rstd = torch.empty(0, **f32)
         phases = (0,)
     else:
-        mean, rstd = _gn_moments(x, strides, n, g, cg, s, eps, block_c, block_s, k)
+        mean, rstd = _gn_moments(x, pre_shift, strides, n, g, cg, s, eps, block_c, block_s, k)
         phases = (1, 2)
     for phase in phases:
         _gn_backward_kernel[(n * g, k)](
-            x, grad, dx, _dummy(x, weight), _dummy(x, bias), _dummy(x, scale), _dummy(x, shift), mean, rstd,
-            gsum, *partials, *strides, *g_strides, *d_strides, _row_stride(scale), _row_stride(shift),
-            g, cg, s, k, eps, PHASE=phase, HAS_W=weight is not None, HAS_B=bias is not None,
-            HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=activation == "silu",
+            x, grad, dx, _dummy(x, weight), _dummy(x, bias), _dummy(x, scale), _dummy(x, shift),
+            _dummy(x, pre_shift), mean, rstd, gsum, *partials, *strides, *g_strides, *d_strides,
+            _row_stride(scale), _row_stride(shift), _row_stride(pre_shift), g, cg, s, k, eps, PHASE=phase,
+            HAS_W=weight is not None, HAS_B=bias is not None, HAS_SCALE=scale is not None,
+            HAS_SHIFT=shift is not None, HAS_PRE=pre_shift is not None, SILU=activation == "silu",
             BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_K=triton.next_power_of_2(k),
             num_warps=_num_warps(block_c * block_s))
-    dscale, dshift, dw, db = (p.sum(-1) for p in partials)
     as_dtype = lambda t, like: t.to(like.dtype if like is not None else x.dtype)
-    return dx, as_dtype(dw.sum(0), weight), as_dtype(db.sum(0), bias), as_dtype(dscale, scale), as_dtype(
-        dshift, shift)
+    dscale, dshift, dw, db = (p.sum(-1) for p in partials[:4])
+    dpre = partials[4].sum(-1) if pre_shift is not None else torch.zeros(n, c, **f32)
+    return (dx, as_dtype(dw.sum(0), weight), as_dtype(db.sum(0), bias), as_dtype(dscale, scale),
+            as_dtype(dshift, shift), as_dtype(dpre, pre_shift))
 
 
 MAX_LN_FEATURES = 16384
@@ -649,24 +690,25 @@ def build_configs() -> list[dict]:
     def build_spec(name, fn, types, constexprs, num_warps):
         return spec(name, fn, {**sizes, **types}, constexprs, num_warps=num_warps)
 
-    def gn_forward(dtype, block_c, block_s, channels_last, mode=0, modulate=True):
+    def gn_forward(dtype, block_c, block_s, channels_last, mode=0, modulate=True, pre=False):
         unit = {"stride_xc": 1, "stride_oc": 1} if channels_last else {"stride_xs": 1, "stride_os": 1}
         ptr = f"*{dtype}"
-        flags = dict(MODE=mode, HAS_W=True, HAS_B=True, HAS_SCALE=modulate, HAS_SHIFT=modulate,
+        flags = dict(MODE=mode, HAS_W=True, HAS_B=True, HAS_SCALE=modulate, HAS_SHIFT=modulate, HAS_PRE=pre,
                      SILU=True, BLOCK_C=block_c, BLOCK_S=block_s)
         layout = "nhwc" if channels_last else "nchw"
         name = f"gn_fwd_{('tile', 'loop', 'apply')[mode]}_{dtype}_{layout}_c{block_c}_s{block_s}"
-        if not modulate:
-            name += "_plain"
-        return build_spec(name, _gn_forward_kernel, {"X": ptr, "OUT": ptr, "SCALE": ptr, "SHIFT": ptr},
+        name += ("" if modulate else "_plain") + ("_pre" if pre else "")
+        return build_spec(name, _gn_forward_kernel,
+                          {"X": ptr, "OUT": ptr, "SCALE": ptr, "SHIFT": ptr, "PRE": ptr},
                           {**unit, **flags}, num_warps=_num_warps(block_c * block_s))
 
-    def gn_backward(dtype, phase, block_c, block_s):
+    def gn_backward(dtype, phase, block_c, block_s, pre=False):
         ptr = f"*{dtype}"
-        flags = dict(PHASE=phase, HAS_W=True, HAS_B=True, HAS_SCALE=True, HAS_SHIFT=True, SILU=True,
+        flags = dict(PHASE=phase, HAS_W=True, HAS_B=True, HAS_SCALE=True, HAS_SHIFT=True, HAS_PRE=pre, SILU=True,
                      BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_K=1 if phase == 0 else 64)
-        return build_spec(f"gn_bwd_phase{phase}_{dtype}_c{block_c}_s{block_s}", _gn_backward_kernel,
-                          {"X": ptr, "DOUT": ptr, "DX": ptr, "SCALE": ptr, "SHIFT": ptr},
+        name = f"gn_bwd_phase{phase}_{dtype}_c{block_c}_s{block_s}" + ("_pre" if pre else "")
+        return build_spec(name, _gn_backward_kernel,
+                          {"X": ptr, "DOUT": ptr, "DX": ptr, "SCALE": ptr, "SHIFT": ptr, "PRE": ptr},
                           {"stride_xs": 1, "stride_gs": 1, "stride_ds": 1, **flags},
                           num_warps=_num_warps(block_c * block_s))
 
@@ -691,16 +733,25 @@ def build_configs() -> list[dict]:
         for channels_last in (False, True):
             configs.append(gn_forward(dtype, 16, 256, channels_last, 1))
     configs.append(gn_forward("bf16", 16, 256, False, 1, modulate=False))
+    # diffusers' ResnetBlock2D "default" norm2: GN(x + temb) + SiLU, channels_last; SD's C=320 (10 channels a
+    # group) and C=640 (20) at 8x8 to 64x64 latents
+    for block_c, block_s, mode in ((16, 256, 0), (32, 256, 0), (16, 256, 1)):
+        configs.append(gn_forward("bf16", block_c, block_s, True, mode, modulate=False, pre=True))
     # split statistics: C=128 at 128x128 with few samples (4 x 16384 in chunks of 4 x 2048)
     configs.append(gn_forward("bf16", 4, 2048, False, 2))
-    configs.append(build_spec("gn_partial_moments_bf16_c4_s2048", _gn_partial_moments_kernel, {"X": "*bf16"},
-                              {"stride_xs": 1, "BLOCK_C": 4, "BLOCK_S": 2048}, num_warps=_num_warps(4 * 2048)))
+    for pre in (False, True):
+        configs.append(build_spec("gn_partial_moments_bf16_c4_s2048" + ("_pre" if pre else ""),
+                                  _gn_partial_moments_kernel, {"X": "*bf16", "PRE": "*bf16"},
+                                  {"stride_xs": 1, "HAS_PRE": pre, "BLOCK_C": 4, "BLOCK_S": 2048},
+                                  num_warps=_num_warps(4 * 2048)))
     configs.append(build_spec("gn_combine_moments_k64", _gn_combine_moments_kernel, {},
                               {"BLOCK_S": 2048, "BLOCK_K": 64}, num_warps=4))
     for dtype in ("bf16", "fp16", "fp32"):
         configs.append(gn_backward(dtype, 0, 16, 256))
-    configs.append(gn_backward("bf16", 1, 16, 256))
-    configs.append(gn_backward("bf16", 2, 16, 256))
+    for pre in (False, True):
+        configs.append(gn_backward("bf16", 1, 16, 256, pre))
+        configs.append(gn_backward("bf16", 2, 16, 256, pre))
+    configs.append(gn_backward("bf16", 0, 16, 256, pre=True))
     for dtype in ("bf16", "fp16", "fp32"):
         configs.append(ln(_ln_forward_kernel, dtype, 1152))
     configs.append(ln(_ln_forward_kernel, "bf16", 384))

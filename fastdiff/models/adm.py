@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from fastdiff import ops
-from fastdiff.models.common import ZooModule
+from fastdiff.models.common import ZooModule, check_image, check_labels
 from fastdiff.nn import GroupNormModulate
 
 __all__ = ["ADMUNet", "ADMClassifier", "PRESETS", "timestep_embedding"]
@@ -79,11 +79,9 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0)
     return emb
 
 
-def _check_x(x, in_channels: int, dims: int) -> None:
-    if not isinstance(x, Tensor) or x.dim() != dims + 2 or x.shape[1] != in_channels:
-        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"x must have shape (N, {in_channels}, *spatial) with {dims} spatial dims, "
-                         f"got {got}")
+def _check_x(model, x, size: Optional[tuple] = None) -> None:
+    """x must be (N, in_channels, *spatial) floating, each halved axis a multiple of 2^(levels - 1)."""
+    check_image(x, "x", model.in_channels, model.dims, multiple=2 ** (len(model.channel_mult) - 1), size=size)
 
 
 def _check_timesteps(timesteps, n: int, device) -> Tensor:
@@ -470,17 +468,17 @@ class ADMUNet(ZooModule):
         return inputs
 
     def forward(self, x: Tensor, timesteps, y: Optional[Tensor] = None) -> Tensor:
-        _check_x(x, self.in_channels, self.dims)
+        _check_x(self, x)
         n = x.shape[0]
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("y must be given if and only if the model is class-conditional "
                              f"(num_classes={self.num_classes})")
         timesteps = _check_timesteps(timesteps, n, x.device)
+        if self.num_classes is not None:
+            y = check_labels(y, n, self.label_emb.num_embeddings, "y").to(x.device)
         t_emb = timestep_embedding(timesteps, self.model_channels)             # (N, model_channels)
         emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))       # (N, 4 * model_channels)
         if self.num_classes is not None:
-            if y.shape != (n,):
-                raise ValueError(f"y must have shape ({n},), got {tuple(y.shape)}")
             emb = emb + self.label_emb(y)
 
         hs = []
@@ -574,7 +572,8 @@ class ADMClassifier(ZooModule):
         return dict(x=x, timesteps=torch.full((batch,), 500, device=p.device, dtype=torch.long))
 
     def forward(self, x: Tensor, timesteps) -> Tensor:
-        _check_x(x, self.in_channels, self.dims)
+        # the attention pool's position embedding fixes the resolution; the other heads take any multiple
+        _check_x(self, x, size=(self.image_size,) * self.dims if self.pool == "attention" else None)
         timesteps = _check_timesteps(timesteps, x.shape[0], x.device)
         t_emb = timestep_embedding(timesteps, self.model_channels)             # (N, model_channels)
         emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))       # (N, 4 * model_channels)

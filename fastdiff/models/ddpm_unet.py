@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdiff import ops
-from fastdiff.models.common import ZooModule
+from fastdiff.models.checkpoint import CheckpointError, CheckpointNotFoundError, load_state_dict, read_state_dict
+from fastdiff.models.common import ZooModule, check_image, check_labels
 from fastdiff.nn import GroupNormModulate
 
 __all__ = ["DDPMUNet", "PRESETS", "get_timestep_embedding"]
@@ -391,21 +392,24 @@ class DDPMUNet(ZooModule):
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
             raise ValueError(f"folder {path!r} has no config.json")
-        with open(cfg_path) as f:
-            config = json.load(f)
+        try:
+            with open(cfg_path) as f:
+                config = json.load(f)
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint {cfg_path!r} is not readable JSON (truncated or corrupt): {e}") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"checkpoint {cfg_path!r} holds no config object")
         cls_name = config.get("_class_name", "UNet2DModel")
         if cls_name != "UNet2DModel":
             raise ValueError(f"{cfg_path} describes a {cls_name}, not a UNet2DModel")
         model = cls._from_config(config)
         st, bin_ = (os.path.join(path, "diffusion_pytorch_model" + e) for e in (".safetensors", ".bin"))
-        if os.path.isfile(st):
-            from safetensors.torch import load_file
-            state_dict = load_file(st, device=str(map_location))
-        elif os.path.isfile(bin_):
-            state_dict = torch.load(bin_, map_location=map_location, weights_only=True)
-        else:
-            raise ValueError(f"folder {path!r} has neither diffusion_pytorch_model.safetensors nor .bin")
-        model.load_state_dict(state_dict, strict=True)
+        weights = st if os.path.isfile(st) else bin_ if os.path.isfile(bin_) else None
+        if weights is None:
+            raise CheckpointNotFoundError(f"folder {path!r} has neither diffusion_pytorch_model.safetensors "
+                                          "nor .bin")
+        state_dict = read_state_dict(weights)
+        load_state_dict(model, state_dict, weights, strict=True)
         return model.eval()
 
     @classmethod
@@ -429,10 +433,17 @@ class DDPMUNet(ZooModule):
         return inputs
 
     def forward(self, x: Tensor, timesteps, class_labels: Optional[Tensor] = None) -> Tensor:
-        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must have shape (N, {self.in_channels}, H, W), "
-                             f"got {tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        check_image(x, "x", self.in_channels, multiple=2 ** (len(self.down_blocks) - 1))
         n = x.shape[0]
+        if self.class_embedding is not None:
+            if class_labels is None:
+                raise ValueError(f"class_labels must be given: this model is class-conditional "
+                                 f"({self.class_embedding.num_embeddings} classes)")
+            class_labels = check_labels(class_labels, n, self.class_embedding.num_embeddings,
+                                        "class_labels").to(x.device)
+        elif class_labels is not None:
+            raise ValueError("class_labels must be None: the model has no class embedding "
+                             "(num_class_embeds=None)")
         if self.center_input_sample:
             x = 2 * x - 1.0
         if not isinstance(timesteps, Tensor):
@@ -445,12 +456,7 @@ class DDPMUNet(ZooModule):
                                        self.flip_sin_to_cos, self.freq_shift)  # (N, C0) float32
         emb = self.time_embedding(t_emb.to(self.time_embedding.linear_1.weight.dtype))  # (N, 4 C0)
         if self.class_embedding is not None:
-            if class_labels is None or class_labels.shape != (n,):
-                raise ValueError(f"class_labels must have shape ({n},) for a class-conditional model")
             emb = emb + self.class_embedding(class_labels).to(emb.dtype)
-        elif class_labels is not None:
-            raise ValueError("class_labels given but the model has no class embedding "
-                             "(num_class_embeds=None)")
 
         h = self.conv_in(x)                                                # (N, C0, H, W)
         skips = (h,)

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from fastdiff.models.common import ZooModule
+from fastdiff.models.common import ZooModule, check_image, check_labels
 from fastdiff.nn import Attention, LayerNormModulate, Mlp
 
 __all__ = ["DiT", "PRESETS"]
@@ -220,22 +220,22 @@ class DiT(ZooModule):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def _check_inputs(self, x: Tensor, t: Tensor, y: Tensor) -> None:
-        expected = (self.in_channels, self.input_size, self.input_size)
-        if not isinstance(x, Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x must have shape (N, {', '.join(map(str, expected))}), got {got}")
+    def _check_inputs(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """Raise ValueError naming the argument; returns the labels as int64 on x's device."""
+        check_image(x, "x", self.in_channels, size=(self.input_size, self.input_size))
         n = x.shape[0]
         if not isinstance(t, Tensor) or tuple(t.shape) != (n,):
             raise ValueError(f"t must be a tensor of shape ({n},) (one timestep per sample), got "
                              f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
-        if not isinstance(y, Tensor) or tuple(y.shape) != (n,) or y.is_floating_point():
-            raise ValueError(f"y must be an integer tensor of shape ({n},) (class labels, {self.num_classes} "
-                             f"is the null label), got "
-                             f"{(tuple(y.shape), y.dtype) if isinstance(y, Tensor) else type(y).__name__}")
+        rows = self.y_embedder.embedding_table.num_embeddings
+        null = self.num_classes if rows > self.num_classes else None  # the extra row of class dropout
+        if y is None:
+            raise ValueError(f"y must be given: DiT is class-conditional (labels 0..{self.num_classes - 1}"
+                             f"{'' if null is None else f', null label {null}'})")
+        return check_labels(y, n, rows, "y", null_label=null).to(x.device)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        self._check_inputs(x, t, y)
+        y = self._check_inputs(x, t, y)
         x = self.x_embedder(x) + self.pos_embed   # (N, T, D), T = (input_size / p)^2
         t = self.t_embedder(t)                    # (N, D)
         y = self.y_embedder(y, self.training)     # (N, D)

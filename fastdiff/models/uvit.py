@@ -18,7 +18,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from fastdiff.models.common import ZooModule
+from fastdiff.models.common import ZooModule, check_image, check_labels
 from fastdiff.nn import Attention, LayerNormModulate, Mlp
 
 __all__ = ["UViT", "PRESETS"]
@@ -163,11 +163,9 @@ class UViT(ZooModule):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
-    def _check_inputs(self, x: Tensor, timesteps: Tensor, y: Optional[Tensor]) -> None:
-        expected = (self.in_chans, self.img_size, self.img_size)
-        if not isinstance(x, Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x must have shape (B, {', '.join(map(str, expected))}), got {got}")
+    def _check_inputs(self, x: Tensor, timesteps: Tensor, y: Optional[Tensor]) -> Optional[Tensor]:
+        """Raise ValueError naming the argument; returns the labels as int64 on x's device (or None)."""
+        check_image(x, "x", self.in_chans, size=(self.img_size, self.img_size))
         b = x.shape[0]
         if not isinstance(timesteps, Tensor) or tuple(timesteps.shape) != (b,):
             got = tuple(timesteps.shape) if isinstance(timesteps, Tensor) else type(timesteps).__name__
@@ -177,12 +175,13 @@ class UViT(ZooModule):
                              f"(num_classes={self.num_classes})")
         if self.num_classes <= 0 and y is not None:
             raise ValueError("y must be None: this U-ViT is unconditional (num_classes <= 0)")
-        if y is not None and (not isinstance(y, Tensor) or tuple(y.shape) != (b,) or y.is_floating_point()):
-            raise ValueError(f"y must be an integer tensor of shape ({b},), got "
-                             f"{(tuple(y.shape), y.dtype) if isinstance(y, Tensor) else type(y).__name__}")
+        if y is None:
+            return None
+        # the released ImageNet configs count the null label as the last class (1001 rows, null 1000)
+        return check_labels(y, b, self.label_emb.num_embeddings, "y").to(x.device)
 
     def forward(self, x: Tensor, timesteps: Tensor, y: Optional[Tensor] = None) -> Tensor:
-        self._check_inputs(x, timesteps, y)
+        y = self._check_inputs(x, timesteps, y)
         x = self.patch_embed(x)                                            # (B, L, D)
         time_token = self.time_embed(timestep_embedding(timesteps, self.embed_dim).to(x.dtype))
         x = torch.cat((time_token.unsqueeze(1), x), dim=1)                 # (B, 1 + L, D)

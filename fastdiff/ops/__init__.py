@@ -33,6 +33,12 @@ from fastdiff.ops.norm import (
     layer_norm_modulate_native,
     layer_norm_modulate_reference,
 )
+from fastdiff.ops.qk_norm_rope import (
+    qk_norm_rope,
+    qk_norm_rope_backward_reference,
+    qk_norm_rope_native,
+    qk_norm_rope_reference,
+)
 from fastdiff.ops.routing import ACTIVATIONS, BACKENDS, backend, current_backend, use_triton
 from fastdiff.ops.sampler_step import sampler_step, sampler_step_reference
 
@@ -47,6 +53,7 @@ __all__ = [
     "layer_norm_modulate",
     "attention",
     "sampler_step",
+    "qk_norm_rope",
     "group_norm_modulate_reference",
     "group_norm_modulate_native",
     "group_norm_modulate_backward_reference",
@@ -58,4 +65,46 @@ __all__ = [
     "resolve_attention_backend",
     "xformers_usable",
     "sampler_step_reference",
+    "qk_norm_rope_reference",
+    "qk_norm_rope_native",
+    "qk_norm_rope_backward_reference",
 ]
+
+
+def _defer_dynamo_import() -> None:
+    """Keep the first call of a fastdiff op from importing torch._dynamo (about 1.5 s of CPU).
+
+    torch wraps every custom op's implementation in ``torch._disable_dynamo``, which imports torch._dynamo
+    on the wrapper's first call to build the dynamo-disabled function it then caches on the implementation
+    (attribute ``__dynamo_disable``; torch/_compile.py). Until torch._dynamo is imported nothing can be
+    compiling, so disabling dynamo is a no-op: this pre-fills that cache with a function that calls the
+    implementation directly while torch._dynamo is absent, and once it is present clears itself so torch
+    builds the real one on that very call. Where torch's internals differ the attribute is never read and
+    the ops behave exactly as before (tests/test_import.py checks the effect).
+    """
+    import sys
+
+    try:  # private torch API: where it is absent or shaped otherwise, the ops import dynamo as they would
+        from torch._library import custom_ops
+
+        opdefs = list(custom_ops.OPDEFS.items())
+    except Exception:
+        return
+    for name, opdef in opdefs:
+        if not name.startswith("fastdiff::"):
+            continue
+        for wrapper in list(getattr(opdef, "_backend_fns", {}).values()):
+            impl = getattr(wrapper, "__wrapped__", None)
+            if impl is None or "__dynamo_disable" in vars(impl):
+                continue
+
+            def direct(*args, _impl=impl, _wrapper=wrapper, **kwargs):
+                if "torch._dynamo" in sys.modules:
+                    vars(_impl).pop("__dynamo_disable", None)
+                    return _wrapper(*args, **kwargs)
+                return _impl(*args, **kwargs)
+
+            setattr(impl, "__dynamo_disable", direct)
+
+
+_defer_dynamo_import()

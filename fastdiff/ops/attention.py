@@ -106,7 +106,15 @@ def xformers_usable(device: torch.device, dtype: torch.dtype) -> bool:
     return _xformers_usable_cache[key]
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without its import of torch._dynamo (about 1 s of
+    ``import fastdiff``): that decorator only sets this attribute, which dynamo reads when it traces a
+    call (torch 2.0 to 2.13; tests/test_import.py checks it against torch's own decorator)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _cuda_major(index: Optional[int]) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
@@ -288,7 +296,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, ba
             zeros (not NaN). Its gradient is computed when it requires one (reference backward).
     Returns (B, H, Sq, D) in q's dtype, contiguous. Differentiable in q, k, v (and bias): the Triton
     backend has a Triton backward, sdpa/xformers recompute through themselves under autograd. An
-    empty batch (or Skv = 0) gives an empty (zero) result.
+    empty batch (or Skv = 0) gives an empty (zero) result and zero gradients; a head dim of 0 is refused.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -306,6 +314,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, ba
         raise ValueError(f"k must have q's batch and heads (B, H) = {(b, h)}, got {tuple(k.shape[:2])}")
     if k.shape[3] != d:
         raise ValueError(f"k has head dim D={k.shape[3]} but q has D={d}; they must match")
+    if d == 0:  # no features to compare: softmax of nothing, and D ** -0.5 has no value
+        raise ValueError("q, k, v must have a head dim D >= 1 (1 to 128 for the triton backend), got D=0")
     if tuple(v.shape) != tuple(k.shape):
         raise ValueError(f"v must have k's shape (B, H, Skv, D) = {tuple(k.shape)}, got {tuple(v.shape)}")
     if scale is None:

@@ -1,5 +1,6 @@
-"""The conditioning norms: ``group_norm_modulate`` (GroupNorm, affine, per-sample scale/shift, SiLU) and
-``layer_norm_modulate`` (DiT's adaLN modulate): reference, native CPU path, Triton routing, autograd."""
+"""The conditioning norms: ``group_norm_modulate`` (GroupNorm of x plus an optional per-sample pre_shift,
+affine, per-sample scale/shift, SiLU) and ``layer_norm_modulate`` (DiT's adaLN modulate): reference, native
+CPU path, Triton routing, autograd."""
 
 from __future__ import annotations
 
@@ -21,16 +22,29 @@ from fastdiff.ops.routing import (
 )
 
 
-def _gn_normalize(x: Tensor, num_groups: int, eps: float) -> tuple[Tensor, Tensor]:
-    """GroupNorm without affine: (xhat as (N, C, S), rstd as (N, G, 1)) in the compute dtype.
+def _gn_shifted(x: Tensor, num_groups: int, pre_shift: Optional[Tensor]) -> Tensor:
+    """u = x + pre_shift[n, c] minus the first element of its group, as (N, G, C/G * S) in the compute dtype.
 
-    The group's first element is subtracted before the moments ("shifted data"), so an input with
-    a large common offset (mean 1e4, std 1) keeps its precision: ``x - pivot`` is exact when the
-    two are close, and the mean that is then removed is of the order of the spread.
+    Subtracting the group's first element before the moments ("shifted data") keeps the precision of
+    an input with a large common offset (mean 1e4, std 1): ``x - pivot`` is exact when the two are
+    close, and the mean then removed is of the order of the spread. With a pre_shift, u is never
+    rounded as a whole: ``(x - x[first]) + (pre_shift[c] - pre_shift[first])``.
     """
     n, c = x.shape[:2]
     xg = x.to(_compute_dtype(x.dtype)).reshape(n, num_groups, -1)
     d = xg - xg[:, :, :1]
+    if pre_shift is not None:
+        p = pre_shift.to(d.dtype).reshape(n, num_groups, c // num_groups)
+        d = (d.reshape(n, num_groups, c // num_groups, -1) + (p - p[:, :, :1])[..., None]).reshape(d.shape)
+    return d
+
+
+def _gn_normalize(x: Tensor, num_groups: int, eps: float,
+                  pre_shift: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """GroupNorm of u = x + pre_shift without affine: (uhat as (N, C, S), rstd as (N, G, 1)) in the
+    compute dtype, from shifted data (:func:`_gn_shifted`)."""
+    n, c = x.shape[:2]
+    d = _gn_shifted(x, num_groups, pre_shift)
     d = d - d.mean(-1, keepdim=True)
     rstd = torch.rsqrt(d.square().mean(-1, keepdim=True) + eps)
     return (d * rstd).reshape(n, c, -1), rstd
@@ -53,16 +67,15 @@ def _gn_affine_modulate(xhat, weight, bias, scale, shift):
 
 
 def group_norm_modulate_reference(x, num_groups, weight=None, bias=None, scale=None, shift=None,
-                                  eps=1e-5, activation=None):
+                                  eps=1e-5, activation=None, pre_shift=None):
     """Plain-PyTorch group_norm_modulate; statistics in float32 (float64 for float64 input).
 
-    The per-channel factors fold into one (N, C) pair, ``z = (x - pivot) * a + b`` (as in the kernel),
+    The per-channel factors fold into one (N, C) pair, ``z = (u - pivot) * a + b`` (as in the kernel),
     so the CPU path makes few passes over x: the shift, the moments, one multiply-add, the activation.
     """
     n, c = x.shape[:2]
     cd = _compute_dtype(x.dtype)
-    d = x.to(cd).reshape(n, num_groups, -1)
-    d = d - d[:, :, :1]  # shifted data (see _gn_normalize); d is kept, the pivot is not
+    d = _gn_shifted(x, num_groups, pre_shift)  # d is kept, the pivot is not
     var, mean = torch.var_mean(d, dim=-1, unbiased=False)  # (N, G)
     rstd = torch.rsqrt(var + eps).repeat_interleave(c // num_groups, dim=1)  # (N, C)
     mean = mean.repeat_interleave(c // num_groups, dim=1)
@@ -124,17 +137,26 @@ def _offset_too_large(x: Tensor, mean: Tensor, rstd: Tensor) -> bool:
 
 
 def group_norm_modulate_native(x, num_groups, weight=None, bias=None, scale=None, shift=None, eps=1e-5,
-                               activation=None):
+                               activation=None, pre_shift=None):
     """The ``auto`` path off CUDA: ATen's GroupNorm (Welford moments, float32 for half types, NCHW or
     channels_last), then the modulation and activation in place on its output.
 
     Two passes over x instead of the reference's six; the modulation runs in x's dtype, as in ADM's
-    own ``out_norm(h) * (1 + scale) + shift``. A float32 group whose mean is far from zero relative to
-    its spread is recomputed on shifted data (``_NATIVE_OFFSET_LIMIT``).
+    own ``out_norm(h) * (1 + scale) + shift``. A pre_shift is added in x's dtype first (one more pass, as
+    diffusers' ``norm2(h + temb)``). A float32 group whose mean is far from zero relative to its spread
+    is recomputed on shifted data (``_NATIVE_OFFSET_LIMIT``).
     """
     n, c = x.shape[:2]
     bcast = (slice(None), slice(None)) + (None,) * (x.dim() - 2)
     x = _dense(x)
+    if pre_shift is not None:
+        u = _dense(x + pre_shift[bcast])
+        y, mean, rstd = torch.ops.aten.native_group_norm(u, weight, bias, n, c, x.numel() // (n * c),
+                                                         num_groups, eps)
+        if _offset_too_large(u, mean, rstd):  # x + pre_shift was rounded as a whole: recompute shifted
+            y = group_norm_modulate_reference(x, num_groups, weight, bias, None, None, eps, None, pre_shift)
+        return _modulate_inplace(y, None if scale is None else scale[bcast],
+                                 None if shift is None else shift[bcast], activation)
     y, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, n, c, x.numel() // (n * c), num_groups,
                                                      eps)
     if _offset_too_large(x, mean, rstd):
@@ -146,15 +168,15 @@ def group_norm_modulate_native(x, num_groups, weight=None, bias=None, scale=None
 
 
 def group_norm_modulate_backward_reference(grad, x, num_groups, weight, bias, scale, shift, eps,
-                                           activation):
-    """Closed-form gradients of group_norm_modulate: (dx, dweight, dbias, dscale, dshift).
+                                           activation, pre_shift=None):
+    """Closed-form gradients of group_norm_modulate: (dx, dweight, dbias, dscale, dshift, dpre_shift).
 
-    All five are always returned (weight/bias as (C,), scale/shift as (N, C)); the autograd
-    wrapper drops those of absent inputs.
+    All six are always returned (weight/bias as (C,), scale/shift/pre_shift as (N, C)); the autograd
+    wrapper drops those of absent inputs. dpre_shift is dx summed over the spatial positions.
     """
     n, c = x.shape[:2]
     cd = _compute_dtype(x.dtype)
-    xhat, rstd = _gn_normalize(x, num_groups, eps)  # (N, C, S), (N, G, 1)
+    xhat, rstd = _gn_normalize(x, num_groups, eps, pre_shift)  # (N, C, S), (N, G, 1)
     y, z = _gn_affine_modulate(xhat, weight, bias, scale, shift)
     dz = grad.to(cd).reshape(n, c, -1)
     if activation == "silu":
@@ -169,64 +191,68 @@ def group_norm_modulate_backward_reference(grad, x, num_groups, weight, bias, sc
     xh = xhat.reshape(n, num_groups, -1)
     g = dxhat.reshape(n, num_groups, -1)
     dx = rstd * (g - g.mean(-1, keepdim=True) - xh * (g * xh).mean(-1, keepdim=True))
+    dpre = dx.reshape(n, c, -1).sum(-1)
     out_dx = torch.empty_like(x)
     out_dx.copy_(dx.reshape(x.shape))
     pdt = lambda t, like: t.to(like.dtype if like is not None else x.dtype)
-    return (out_dx, pdt(dweight, weight), pdt(dbias, bias), pdt(dscale, scale), pdt(dshift, shift))
+    return (out_dx, pdt(dweight, weight), pdt(dbias, bias), pdt(dscale, scale), pdt(dshift, shift),
+            pdt(dpre, pre_shift))
 
 
 @torch.library.custom_op("fastdiff::group_norm_modulate", mutates_args=())
 def _group_norm_modulate_op(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
-                            scale: Optional[Tensor], shift: Optional[Tensor], eps: float,
-                            activation: Optional[str], backend: Optional[str]) -> Tensor:
+                            scale: Optional[Tensor], shift: Optional[Tensor], pre_shift: Optional[Tensor],
+                            eps: float, activation: Optional[str], backend: Optional[str]) -> Tensor:
     if x.numel() == 0:
         return torch.empty_like(x)
+    args = (x, num_groups, weight, bias, scale, shift, eps, activation, pre_shift)
     if use_triton(x, backend):
         from fastdiff.kernels.modulated_norm import group_norm_modulate_forward
-        return group_norm_modulate_forward(x, num_groups, weight, bias, scale, shift, eps, activation)
+        return group_norm_modulate_forward(*args)
     if current_backend(backend) == "auto":
-        return group_norm_modulate_native(x, num_groups, weight, bias, scale, shift, eps, activation)
-    return group_norm_modulate_reference(x, num_groups, weight, bias, scale, shift, eps, activation)
+        return group_norm_modulate_native(*args)
+    return group_norm_modulate_reference(*args)
 
 
 @_group_norm_modulate_op.register_fake
-def _(x, num_groups, weight, bias, scale, shift, eps, activation, backend):
+def _(x, num_groups, weight, bias, scale, shift, pre_shift, eps, activation, backend):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("fastdiff::group_norm_modulate_backward", mutates_args=())
 def _group_norm_modulate_backward_op(
         grad: Tensor, x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
-        scale: Optional[Tensor], shift: Optional[Tensor], eps: float, activation: Optional[str],
-        backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        scale: Optional[Tensor], shift: Optional[Tensor], pre_shift: Optional[Tensor], eps: float,
+        activation: Optional[str], backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    args = (grad, x, num_groups, weight, bias, scale, shift, eps, activation, pre_shift)
     if use_triton(x, backend) and x.numel() > 0:
         from fastdiff.kernels.modulated_norm import group_norm_modulate_backward
-        return group_norm_modulate_backward(grad, x, num_groups, weight, bias, scale, shift, eps, activation)
-    return group_norm_modulate_backward_reference(grad, x, num_groups, weight, bias, scale, shift, eps,
-                                                  activation)
+        return group_norm_modulate_backward(*args)
+    return group_norm_modulate_backward_reference(*args)
 
 
 @_group_norm_modulate_backward_op.register_fake
-def _(grad, x, num_groups, weight, bias, scale, shift, eps, activation, backend):
+def _(grad, x, num_groups, weight, bias, scale, shift, pre_shift, eps, activation, backend):
     n, c = x.shape[:2]
     pick = lambda t, shape: x.new_empty(shape, dtype=t.dtype if t is not None else x.dtype)
     return (torch.empty_like(x), pick(weight, (c,)), pick(bias, (c,)), pick(scale, (n, c)),
-            pick(shift, (n, c)))
+            pick(shift, (n, c)), pick(pre_shift, (n, c)))
 
 
 def _gnm_setup_context(ctx, inputs, output):
-    x, num_groups, weight, bias, scale, shift, eps, activation, backend = inputs
-    ctx.save_for_backward(x, weight, bias, scale, shift)
+    x, num_groups, weight, bias, scale, shift, pre_shift, eps, activation, backend = inputs
+    ctx.save_for_backward(x, weight, bias, scale, shift, pre_shift)
     ctx.args = (num_groups, eps, activation, backend)
 
 
 def _gnm_backward(ctx, grad):
-    x, weight, bias, scale, shift = ctx.saved_tensors
+    x, weight, bias, scale, shift, pre_shift = ctx.saved_tensors
     num_groups, eps, activation, backend = ctx.args
-    dx, dw, db, ds, dt = torch.ops.fastdiff.group_norm_modulate_backward(
-        grad, x, num_groups, weight, bias, scale, shift, eps, activation, backend)
+    dx, dw, db, ds, dt, dp = torch.ops.fastdiff.group_norm_modulate_backward(
+        grad, x, num_groups, weight, bias, scale, shift, pre_shift, eps, activation, backend)
     keep = lambda g, t: g if t is not None and t.requires_grad else None
-    return (dx, None, keep(dw, weight), keep(db, bias), keep(ds, scale), keep(dt, shift), None, None, None)
+    return (dx, None, keep(dw, weight), keep(db, bias), keep(ds, scale), keep(dt, shift), keep(dp, pre_shift),
+            None, None, None)
 
 
 _group_norm_modulate_op.register_autograd(_gnm_backward, setup_context=_gnm_setup_context)
@@ -235,11 +261,15 @@ _group_norm_modulate_op.register_autograd(_gnm_backward, setup_context=_gnm_setu
 def group_norm_modulate(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
                         bias: Optional[Tensor] = None, scale: Optional[Tensor] = None,
                         shift: Optional[Tensor] = None, eps: float = 1e-5,
-                        activation: Optional[str] = None, backend: Optional[str] = None) -> Tensor:
-    """``act((GN(x) * weight[c] + bias[c]) * (1 + scale[n, c]) + shift[n, c])``.
+                        activation: Optional[str] = None, backend: Optional[str] = None, *,
+                        pre_shift: Optional[Tensor] = None) -> Tensor:
+    """``act((GN(x + pre_shift[n, c]) * weight[c] + bias[c]) * (1 + scale[n, c]) + shift[n, c])``.
 
     The order of ADM's ``use_scale_shift_norm`` ResBlock (norm, then ``* (1 + scale) + shift``, then
-    SiLU); with scale and shift absent it is GroupNorm (+ SiLU).
+    SiLU); with scale and shift absent it is GroupNorm (+ SiLU). ``pre_shift`` is added to x before the
+    group statistics: diffusers' ResnetBlock2D "default" time embedding, ``SiLU(norm2(h + temb[:, :, None,
+    None]))``, is ``group_norm_modulate(h, G, w, b, activation="silu", pre_shift=temb)``. The sum
+    ``x + pre_shift`` is not returned (and not materialised on the Triton path).
 
     Args:
         x: (N, C, *spatial), spatial rank 1, 2 or 3; float16, bfloat16, float32 (or float64 on the
@@ -250,6 +280,8 @@ def group_norm_modulate(x: Tensor, num_groups: int, weight: Optional[Tensor] = N
         eps: added to the variance.
         activation: None or "silu".
         backend: None (follow the switch), "auto", "triton" or "reference".
+        pre_shift: (N, C) in x's dtype, added to x before the statistics (keyword only), or None. Its
+            gradient is the spatial sum of x's.
     Statistics are float32 (float64 for float64 input); NaN in one sample stays in that sample.
     """
     if not isinstance(x, Tensor):
@@ -266,11 +298,13 @@ def group_norm_modulate(x: Tensor, num_groups: int, weight: Optional[Tensor] = N
     _check_vector(bias, "bias", x, (c,), same_dtype=False)
     _check_vector(scale, "scale", x, (n, c), same_dtype=True)
     _check_vector(shift, "shift", x, (n, c), same_dtype=True)
+    _check_vector(pre_shift, "pre_shift", x, (n, c), same_dtype=True)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if backend is not None:
         _check_backend(backend)
-    return _group_norm_modulate_op(x, num_groups, weight, bias, scale, shift, float(eps), activation, backend)
+    return _group_norm_modulate_op(x, num_groups, weight, bias, scale, shift, pre_shift, float(eps), activation,
+                                   backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,8 +350,11 @@ def layer_norm_modulate_native(x, scale=None, shift=None, weight=None, bias=None
     y, mean, rstd = torch.ops.aten.native_layer_norm(x, x.shape[-1:], weight, bias, eps)
     if _offset_too_large(x, mean, rstd):
         y = torch.nn.functional.layer_norm(x - x[..., :1], x.shape[-1:], weight, bias, eps)
-    return _modulate_inplace(y, None if scale is None else scale[:, None, :],
-                             None if shift is None else shift[:, None, :])
+    y = _modulate_inplace(y, None if scale is None else scale[:, None, :],
+                          None if shift is None else shift[:, None, :])
+    if not x.is_contiguous():  # ATen's output is contiguous; the op's (and its fake's) is laid out like x
+        y = torch.empty_like(x).copy_(y)
+    return y
 
 
 def layer_norm_modulate_backward_reference(grad, x, scale, shift, weight, bias, eps):

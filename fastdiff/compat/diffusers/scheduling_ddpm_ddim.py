@@ -1,4 +1,6 @@
-"""DDPM and DDIM: the row follows from the timestep; the sample is the model-frame state."""
+"""DDPM and DDIM: the row of a timestep is built from diffusers' own float32 formulas in the VP frame ("alpha
+form"), on demand, so any timestep steps (in the schedule or not) and abar = 0 (zero terminal SNR) is a
+finite row."""
 
 from __future__ import annotations
 
@@ -8,24 +10,32 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff import samplers as S
 from fastdiff.compat.diffusers.scheduling_base import (
-    _host,
+    KARRAS_SCHEDULERS,
     _spaced,
     _vp_sigmas,
     _VPScheduler,
+    check_inference_steps,
+    frame_row,
     randn_tensor,
     register_to_config,
 )
 
-_DDPM_VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",
-                   "fixed_large": "fixed_large", "learned_range": "learned_range"}
+_DDPM_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned",
+                   "learned_range")
 
 
 class DDPMScheduler(_VPScheduler):
-    """diffusers' ``DDPMScheduler`` (Ho et al. 2020) on :func:`fastdiff.samplers.ddpm`."""
+    """diffusers' ``DDPMScheduler`` (Ho et al. 2020): the ancestral posterior step of
+    :func:`fastdiff.samplers.ddpm`, one row per timestep in diffusers' float32 arithmetic.
+
+    ``variance_type="learned"`` is the one option without a row: its noise std is the square root of the
+    model's variance output, elementwise, not a coefficient (``learned_range`` interpolates log variances and
+    is one).
+    """
 
     _stateless = True
+    _compatibles = KARRAS_SCHEDULERS
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -34,48 +44,89 @@ class DDPMScheduler(_VPScheduler):
                  dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
                  sample_max_value: float = 1.0, timestep_spacing: str = "leading", steps_offset: int = 0,
                  rescale_betas_zero_snr: bool = False):
-        if variance_type not in _DDPM_VARIANCES:
-            raise NotImplementedError(f"variance_type {variance_type!r} is not supported; use one of "
-                                      f"{sorted(_DDPM_VARIANCES)}")
+        if variance_type == "learned":
+            raise NotImplementedError("variance_type='learned' takes the square root of the model's variance "
+                                      "output elementwise: not a table coefficient (use learned_range)")
         self._init_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                             rescale_betas_zero_snr, prediction_type)
         self.one = torch.tensor(1.0)
+        self.init_noise_sigma = 1.0
         self.variance_type = variance_type
         self.custom_timesteps = False
         self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy())
-        self.num_inference_steps = num_train_timesteps  # diffusers steps every timestep until set_timesteps
 
     def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None, timesteps=None):
         n = self.config.num_train_timesteps
         if num_inference_steps is not None and timesteps is not None:
             raise ValueError("Can only pass one of `num_inference_steps` or `custom_timesteps`.")
         if timesteps is not None:
-            ts = np.array(timesteps, dtype=np.int64)
-            if np.any(np.diff(ts) >= 0):
-                raise ValueError("`custom_timesteps` must be in descending order.")
-            if ts[0] >= n:
+            for i in range(1, len(timesteps)):
+                if timesteps[i] >= timesteps[i - 1]:
+                    raise ValueError("`custom_timesteps` must be in descending order.")
+            if timesteps[0] >= n:
                 raise ValueError(f"`timesteps` must start before `self.config.train_timesteps`: {n}.")
+            ts = np.array(timesteps, dtype=np.int64)
             self.custom_timesteps = True
         else:
-            if num_inference_steps is None or num_inference_steps < 1 or num_inference_steps > n:
-                raise ValueError(f"num_inference_steps must lie in [1, {n}], got {num_inference_steps!r}")
+            self.num_inference_steps = check_inference_steps(num_inference_steps, n)
             ts = _spaced(self.config.timestep_spacing, n, num_inference_steps, self.config.steps_offset,
                          np.int64)
             self.custom_timesteps = False
-        self.num_inference_steps = len(ts)
         self.timesteps = torch.from_numpy(ts).to(device)
         self._reset_state()
 
     def previous_timestep(self, timestep):
-        idx = self._stateless_index(timestep)
-        return self.timesteps[idx + 1] if idx + 1 < len(self.timesteps) else torch.tensor(-1)
+        if self.custom_timesteps or self.num_inference_steps:
+            index = (self.timesteps == timestep).nonzero(as_tuple=True)[0][0]
+            if index == self.timesteps.shape[0] - 1:
+                return torch.tensor(-1)
+            return self.timesteps[index + 1]
+        return timestep - 1
 
-    def _build_table(self) -> S.SamplerTable:
-        ts = _host(self.timesteps).astype(np.int64)
-        abar = _host(self.alphas_cumprod)
-        sigmas = np.concatenate([_vp_sigmas(abar[ts]), [0.0]])
-        return S.ddpm(sigmas, variance=_DDPM_VARIANCES[self.variance_type], final_noise=bool(ts[-1] > 0),
-                      timesteps=ts)
+    def _get_variance(self, t, predicted_variance=None, variance_type=None):
+        """diffusers' DDPM variance at t (float32, the same arithmetic)."""
+        prev_t = self.previous_timestep(t)
+        abar_t = self.alphas_cumprod[t]
+        abar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
+        beta_t = 1 - abar_t / abar_prev
+        variance = torch.clamp((1 - abar_prev) / (1 - abar_t) * beta_t, min=1e-20)
+        variance_type = variance_type or self.config.variance_type
+        if variance_type == "fixed_small_log":
+            return torch.exp(0.5 * torch.log(variance))
+        if variance_type == "fixed_large":
+            return beta_t
+        if variance_type == "fixed_large_log":
+            return torch.log(beta_t)
+        if variance_type == "learned":
+            return predicted_variance
+        if variance_type == "learned_range":
+            frac = (predicted_variance + 1) / 2
+            return frac * torch.log(beta_t) + (1 - frac) * torch.log(variance)
+        return variance
+
+    def _row_table(self, timestep):
+        t = int(timestep)
+        prev_t = int(self.previous_timestep(torch.tensor(t)))
+        abar_t = self.alphas_cumprod[t]
+        abar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
+        beta_prod_t, beta_prod_prev = 1 - abar_t, 1 - abar_prev
+        alpha_t = abar_t / abar_prev
+        beta_t = 1 - alpha_t
+        x0_coef = float(abar_prev ** 0.5 * beta_t / beta_prod_t)
+        x_coef = float(alpha_t ** 0.5 * beta_prod_prev / beta_prod_t)
+        c, lv = 0.0, (0.0, 0.0)
+        if t > 0:
+            kind = self.variance_type
+            if kind == "learned_range":
+                posterior = torch.clamp(beta_prod_prev / beta_prod_t * beta_t, min=1e-20)
+                c, lv = 1.0, (float(torch.log(posterior)), float(torch.log(beta_t)))
+            elif kind == "fixed_small_log":
+                c = float(self._get_variance(t))
+            else:
+                c = float(self._get_variance(t) ** 0.5)
+        sig = _vp_sigmas([float(abar_t), float(abar_prev)])
+        return frame_row("ddpm", sig[0], sig[1], "vp", a=x_coef, b_new=x0_coef, c=c, lv=lv,
+                         timestep=t)
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, generator=None, return_dict: bool = True):
         """One ancestral DDPM step; noise ``randn_tensor(model_output.shape, generator)`` where t > 0."""
@@ -87,8 +138,8 @@ class DDPMScheduler(_VPScheduler):
                              "channels")
 
         def noise_fn(idx, rows):
-            t = self.timesteps.to(rows.device)[rows.long()]
-            if not bool((t > 0).any()):
+            ts = timestep.reshape(-1) if isinstance(timestep, Tensor) else torch.tensor([timestep])
+            if not bool((ts > 0).any()):
                 return None
             return randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                                 dtype=model_output.dtype)
@@ -98,9 +149,11 @@ class DDPMScheduler(_VPScheduler):
 
 
 class DDIMScheduler(_VPScheduler):
-    """diffusers' ``DDIMScheduler`` (Song et al. 2021, Eq. 12) on :func:`fastdiff.samplers.ddim`."""
+    """diffusers' ``DDIMScheduler`` (Song et al. 2021, Eq. 12): the step of :func:`fastdiff.samplers.ddim`,
+    one row per timestep in diffusers' float32 arithmetic (it steps to ``t - N // steps``)."""
 
     _stateless = True
+    _compatibles = KARRAS_SCHEDULERS
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -112,34 +165,44 @@ class DDIMScheduler(_VPScheduler):
         self._init_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                             rescale_betas_zero_snr, prediction_type)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
+        self.init_noise_sigma = 1.0
         self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy().astype(np.int64))
 
     def set_timesteps(self, num_inference_steps: int, device=None):
         n = self.config.num_train_timesteps
-        if num_inference_steps is None or num_inference_steps < 1 or num_inference_steps > n:
-            raise ValueError(f"num_inference_steps must lie in [1, {n}], got {num_inference_steps!r}")
-        self.num_inference_steps = num_inference_steps
+        self.num_inference_steps = check_inference_steps(num_inference_steps, n)
         ts = _spaced(self.config.timestep_spacing, n, num_inference_steps, self.config.steps_offset, np.int64)
         self.timesteps = torch.from_numpy(ts).to(device)
         self._reset_state()
 
-    def _build_table(self, eta: float = 0.0, use_clipped_model_output: bool = False) -> S.SamplerTable:
-        ts = _host(self.timesteps).astype(np.int64)
-        abar = _host(self.alphas_cumprod)
-        final = float(self.final_alpha_cumprod)
-        prev = ts - self.config.num_train_timesteps // self.num_inference_steps
-        target = _vp_sigmas(np.where(prev >= 0, abar[np.clip(prev, 0, None)], final))
-        sigmas = np.concatenate([_vp_sigmas(abar[ts]), _vp_sigmas(np.array([final]))])
-        if np.any(target >= sigmas[:-1]) or np.any(np.diff(sigmas) >= 0):
-            raise NotImplementedError("a DDIM step here would not lower the noise level (timestep 0 with "
-                                      "set_alpha_to_one=False): use steps_offset=1 or set_alpha_to_one=True")
-        return S.ddim(sigmas, eta=eta, eps_from="x0" if use_clipped_model_output else "raw",
-                      target_sigmas=target, timesteps=ts)
+    def _get_variance(self, timestep, prev_timestep):
+        abar_t = self.alphas_cumprod[timestep]
+        abar_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
+        return (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
+
+    def _row_table(self, timestep, eta: float = 0.0, use_clipped_model_output: bool = False):
+        t = int(timestep)
+        prev = t - self.config.num_train_timesteps // self.num_inference_steps
+        abar_t = self.alphas_cumprod[t]
+        abar_prev = self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod
+        beta_prod_t = 1 - abar_t
+        std = eta * self._get_variance(t, prev) ** 0.5
+        direction = float((1 - abar_prev - std ** 2) ** 0.5)
+        a, b_new, g_eps = 0.0, float(abar_prev ** 0.5), direction
+        if use_clipped_model_output:  # eps recomputed from the clipped x0
+            a, b_new, g_eps = direction / float(beta_prod_t ** 0.5), \
+                b_new - direction * float(abar_t ** 0.5 / beta_prod_t ** 0.5), 0.0
+        sig = _vp_sigmas([float(abar_t), float(abar_prev)])
+        return frame_row("ddim", sig[0], sig[1], "vp", a=a, b_new=b_new, g_eps=g_eps,
+                         c=float(std) if eta > 0 else 0.0, timestep=t)
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, eta: float = 0.0,
              use_clipped_model_output: bool = False, generator=None, variance_noise: Optional[Tensor] = None,
              return_dict: bool = True):
         """One DDIM(eta) step; noise from ``variance_noise`` or ``generator`` when eta > 0, as diffusers."""
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after "
+                             "creating the scheduler")
         if eta > 0 and variance_noise is not None and generator is not None:
             raise ValueError("Cannot pass both generator and variance_noise. Please make sure that either "
                              "`generator` or `variance_noise` stays `None`.")
