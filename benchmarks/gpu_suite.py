@@ -45,6 +45,7 @@ class Step:
     needs: tuple = ()  # importable modules whose rows it adds (the dry run repeats it with them present)
     dry: list = field(default_factory=list)  # extra arguments in the dry run (tiny sizes, eager compile)
     gpu_only: str = ""  # reason it cannot run on a CPU, if so
+    dry_env: dict = field(default_factory=dict)  # environment changes in the dry run
 
 
 STEPS = [
@@ -75,7 +76,8 @@ STEPS = [
     Step("bench_qk_norm_rope", 150, [PY, "benchmarks/bench_qk_norm_rope.py", "--no-compile"], dry=["--quick"]),
     Step("bench_diffusers", 480, [PY, "benchmarks/bench_diffusers.py", "--cases", "sd15-512", "sdxl-1024",
                                   "--repeats", "3", "{full}"], needs=("diffusers",),
-         dry=["--tiny", "--cases", "ddpm-cifar10", "--repeats", "1", "--no-profile", "--no-compile"]),
+         dry=["--tiny", "--cases", "ddpm-cifar10", "--repeats", "1", "--no-profile", "--no-compile"],
+         dry_env={"TRITON_INTERPRET": "0"}),  # whole pipelines: the CPU paths (the interpreter takes minutes)
     # its diffusers row (ddpm-cifar10) runs where diffusers imports; the dry run samples the digits model
     Step("bench_onnx", 240, [PY, "benchmarks/bench_onnx.py", "--models", "ddpm-cifar10", "--steps", "20"],
          needs=("onnxruntime",), dry=["--models", "digits", "--steps", "2", "--repeats", "1", "--batch", "2"]),
@@ -163,7 +165,7 @@ class Suite:
                 argv += ["-n", str(self.args.xdist)]
             if self.args.test_timeout:  # one hung test does not take the step's whole limit
                 argv += [f"--timeout={self.args.test_timeout}"]
-        env = dict(self.env, **(env_extra or {}))
+        env = dict(self.env, **(env_extra or {}), **(step.dry_env if self.args.dry_run else {}))
         env[STEP_ENV] = name
         self.log(f"=== {name} (limit {limit} s): {' '.join(argv)}")
         entry = self.add(name, "running", limit_s=limit, argv=argv)
