@@ -107,6 +107,7 @@ __all__ = [
     "make_generators",
     "randn_per_sample",
     "sample_loop",
+    "state_frame",
     "COL_P", "COL_Q", "COL_E", "COL_F", "COL_A", "COL_G", "COL_B0", "COL_C", "COL_LV_LO", "COL_LV_HI",
     "COL_WRITE", "COL_SLOTS", "HISTORY_FORMS", "DPM_ALGORITHMS", "DDPM_VARIANCES", "HEUN_TIMES",
 ]
@@ -233,6 +234,13 @@ class DeviceTable:
     timestep: Tensor
     row_ids: Tensor
     frame: str = "sigma"
+
+
+def state_frame(schedule) -> str:
+    """The frame :func:`fastdiff.sample` (and the ONNX Runtime loop) carries the state in: the schedule's
+    flow frame for a flow schedule, whose run starts at sigma = inf where the sigma view is not finite, else
+    the sigma view."""
+    return "flow" if getattr(schedule, "frame", None) == "flow" else "sigma"
 
 
 def to_device(table: SamplerTable, denoiser, device, dtype: torch.dtype = torch.float32,
