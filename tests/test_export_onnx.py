@@ -528,3 +528,15 @@ def test_step_graph_lays_out_the_samplers_default_spacing(step_graphs):
                                  providers=["CPUExecutionProvider"])
     _, timesteps = engine._sampling_sigmas(denoiser, "ddim", 5, None, shape)
     np.testing.assert_array_equal(dtab.table.timestep[:5], timesteps)
+
+
+def test_guidance_none_takes_a_guided_graphs_stored_default():
+    """sample_onnxruntime(path, ..., guidance_scale=None): the default stored in a guided graph (what
+    fastdiff.load set on the Denoiser it was exported from) when labels are given, else 1."""
+    from fastdiff.engine_args import default_guidance
+    from fastdiff.export.ort import _MetaDenoiser
+
+    meta = {"guided": True, "y_null": 10, "default_guidance_scale": 4.0}
+    assert default_guidance(_MetaDenoiser(meta, VPSchedule()), True) == 4.0
+    assert default_guidance(_MetaDenoiser(meta, VPSchedule()), False) == 1.0
+    assert default_guidance(_MetaDenoiser(meta | {"guided": False}, VPSchedule()), True) == 1.0  # no guidance in it
