@@ -106,6 +106,8 @@ from fastdiff.static_step import (
     batch_bucket,
     batch_kwargs,
     bucket_floor,
+    chunk_kwargs,
+    kwargs_key,
     run_static,
     walk_rows,
 )
@@ -299,7 +301,7 @@ def _measure_capacity(run: Denoiser, raw_model, sample_shape, device: torch.devi
     x = torch.zeros((probe, *sample_shape), device=device)
     t = torch.full((probe,), 500.0, device=device)
     yy = torch.zeros((probe,), dtype=torch.int64, device=device) if has_y else None
-    kwargs = _chunk_kwargs(model_kwargs, batch_keys, 0, probe)
+    kwargs = chunk_kwargs(model_kwargs, batch_keys, 0, probe)
     prober = copy.copy(run)
     prober.model = raw_model  # the eager module: a compiled one would compile once more for the probe's shape
     torch.cuda.reset_peak_memory_stats(device)
@@ -571,7 +573,7 @@ def _sample_torch(denoiser: Denoiser, table, shape, dev, dtype, channels_last, c
     model_kwargs = _kwargs_on(model_kwargs, dev, dtype)
     kw_batch = batch_kwargs(model_kwargs, n)  # chunked with x; the rest is the same for every sample
     settings = (tuple(sample_shape), dtype, bool(channels_last), _compile_key(compile_mode) if compile_mode
-                else None, guided, labels is not None, _kwargs_key(model_kwargs, kw_batch, content=False))
+                else None, guided, labels is not None, kwargs_key(model_kwargs, kw_batch, content=False))
 
     rank, world = ranks
     if world > 1 and fresh_seeds:
@@ -584,7 +586,7 @@ def _sample_torch(denoiser: Denoiser, table, shape, dev, dtype, channels_last, c
             batch_size = min_over_ranks(batch_size, dev)
     chunks = [(c0, min(n, c0 + batch_size)) for c0 in range(0, n, batch_size)]
     mine = chunks[rank::world]
-    graph_key = settings + (digest, guidance, _y_null_key(y_null), backend, _kwargs_key(model_kwargs, kw_batch),
+    graph_key = settings + (digest, guidance, _y_null_key(y_null), backend, kwargs_key(model_kwargs, kw_batch),
                             _denoiser_key(denoiser))
 
     local = torch.zeros((len(mine) * batch_size, *sample_shape), dtype=torch.float32, device=dev)
@@ -598,7 +600,7 @@ def _sample_torch(denoiser: Denoiser, table, shape, dev, dtype, channels_last, c
             noise = NoiseStager(make_generators(seed_list[c0:c1]), sample_shape, dev)
             x = noise.draw() * start_scale
             yc = labels[c0:c1] if labels is not None else None
-            mk = _chunk_kwargs(model_kwargs, kw_batch, c0, c1)
+            mk = chunk_kwargs(model_kwargs, kw_batch, c0, c1)
             if use_graph:
                 x = _run_graph(prep.caches, graph_key, run, dtab, x, yc, noise, y_null, guidance, mk, backend, bar,
                                batch_keys=kw_batch)
@@ -628,44 +630,6 @@ def _kwargs_on(model_kwargs: Optional[dict], device: torch.device, dtype: torch.
         return model_kwargs
     return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) if isinstance(v, Tensor)
             else v for k, v in model_kwargs.items()}
-
-
-def _tensor_digest(t: Tensor) -> str:
-    flat = t.detach().reshape(-1).contiguous().cpu()
-    return hashlib.sha1(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
-def _value_key(value, content: bool):
-    """A hashable key of a model keyword argument that is baked into a captured step: tensors by shape,
-    dtype and (``content``) a digest of their bytes, containers element by element, plain values by
-    repr, any other object by identity (the cached step keeps it alive, so the id is not reused)."""
-    if isinstance(value, Tensor):
-        return ("tensor", tuple(value.shape), value.dtype, _tensor_digest(value) if content else None)
-    if isinstance(value, dict):
-        return ("dict", tuple(sorted((repr(k), _value_key(v, content)) for k, v in value.items())))
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, tuple(_value_key(v, content) for v in value))
-    if value is None or isinstance(value, (bool, int, float, complex, str, bytes, torch.dtype, torch.device)):
-        return ("value", type(value).__name__, repr(value))
-    return ("object", type(value).__qualname__, id(value))
-
-
-def _kwargs_key(model_kwargs: Optional[dict], batch_keys: frozenset, content: bool = True):
-    """What a captured step depends on in ``model_kwargs``: the batch-dim tensors by shape past the batch
-    and dtype (their values are copied into static buffers before each chunk), every other argument by
-    value (:func:`_value_key`: the step reads the copy made at capture). ``content=False``: shapes only
-    (the memory probe's key)."""
-    if not model_kwargs:
-        return None
-    return tuple(sorted((k, ("batch", tuple(v.shape[1:]), v.dtype) if k in batch_keys else _value_key(v, content))
-                        for k, v in model_kwargs.items()))
-
-
-def _chunk_kwargs(model_kwargs: Optional[dict], batch_keys: frozenset, c0: int, c1: int) -> Optional[dict]:
-    """Samples c0..c1 of ``model_kwargs``: the batch-dim tensors cut, the rest as they are."""
-    if not model_kwargs:
-        return model_kwargs
-    return {k: v[c0:c1] if k in batch_keys else v for k, v in model_kwargs.items()}
 
 
 def _progress_callback(bar, callback):

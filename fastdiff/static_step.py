@@ -7,6 +7,10 @@ host. On CUDA :class:`CudaGraphRunner` captures it once and replays it
 for every row; elsewhere it runs eagerly (:func:`run_static`) and gives the bits of
 :func:`fastdiff.samplers.sample_loop`, so the logic the graph records is tested on the CPU.
 
+Model keyword arguments: :func:`batch_kwargs` names those that carry the batch (tensors whose first dim
+is N), :func:`chunk_kwargs` cuts them with x, and :func:`kwargs_key` says what a captured step depends on:
+the shapes and dtypes of the batch ones (copied into static buffers), the contents of the others (baked in).
+
 :class:`NoiseStager` brings each row's per-sample noise (drawn from the per-sample CPU generators, the
 source of truth for every device) to the device: on CUDA through a small ring of pinned host buffers and
 non-blocking copies, so the host draws row r + 1 while the GPU runs row r instead of waiting at a pageable
@@ -15,6 +19,7 @@ copy for every row.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
@@ -24,7 +29,7 @@ from fastdiff.denoiser import Denoiser
 from fastdiff.samplers import DeviceTable
 
 __all__ = ["StaticStep", "CudaGraphRunner", "NoiseStager", "walk_rows", "run_static", "batch_bucket",
-           "bucket_floor", "batch_kwargs"]
+           "bucket_floor", "batch_kwargs", "chunk_kwargs", "kwargs_key"]
 
 
 def batch_bucket(n: int) -> int:
@@ -62,6 +67,44 @@ def _own_copy(value, device):
     if isinstance(value, (list, tuple)):
         return type(value)(_own_copy(v, device) for v in value)
     return value
+
+
+def _tensor_digest(t: Tensor) -> str:
+    flat = t.detach().reshape(-1).contiguous().cpu()
+    return hashlib.sha1(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _value_key(value, content: bool):
+    """A hashable key of a model keyword argument that is baked into a captured step: tensors by shape,
+    dtype and (``content``) a digest of their bytes, containers element by element, plain values by
+    repr, any other object by identity (the cached step keeps it alive, so the id is not reused)."""
+    if isinstance(value, Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, _tensor_digest(value) if content else None)
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((repr(k), _value_key(v, content)) for k, v in value.items())))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_value_key(v, content) for v in value))
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes, torch.dtype, torch.device)):
+        return ("value", type(value).__name__, repr(value))
+    return ("object", type(value).__qualname__, id(value))
+
+
+def kwargs_key(model_kwargs: Optional[dict], batch_keys: frozenset, content: bool = True):
+    """What a captured step depends on in ``model_kwargs``: the batch-dim tensors by shape past the batch
+    and dtype (their values are copied into static buffers before each chunk), every other argument by
+    value (:func:`_value_key`: the step reads the copy made at capture). ``content=False``: shapes only
+    (the memory probe's key)."""
+    if not model_kwargs:
+        return None
+    return tuple(sorted((k, ("batch", tuple(v.shape[1:]), v.dtype) if k in batch_keys else _value_key(v, content))
+                        for k, v in model_kwargs.items()))
+
+
+def chunk_kwargs(model_kwargs: Optional[dict], batch_keys: frozenset, c0: int, c1: int) -> Optional[dict]:
+    """Samples c0..c1 of ``model_kwargs``: the batch-dim tensors cut, the rest as they are."""
+    if not model_kwargs:
+        return model_kwargs
+    return {k: v[c0:c1] if k in batch_keys else v for k, v in model_kwargs.items()}
 
 
 class NoiseStager:
