@@ -26,10 +26,13 @@ What it adds to the plain loop:
   policy: one thread on a busy machine) and gives torch its setting back after.
 - **CUDA graphs.** On CUDA (``cuda_graph=None`` means on) the whole row (model forward on the guidance
   batch + the fused update) is captured once per batch-size bucket on static buffers
-  (:mod:`fastdiff.static_step`) and replayed for every row; the row index, the noise and the labels are
-  copied into the static buffers before each replay, the noise through pinned buffers without a host sync
-  per row. Graphs are cached across calls (keyed by the model and its fingerprint, the bucket, the shape,
-  dtype, table, guidance and labels), so a repeated call replays without capturing again.
+  (:mod:`fastdiff.static_step`) and replayed for every row; the row index, the noise, the labels and the
+  batch-dim tensors of ``model_kwargs`` (a transformer's prompt embeddings) are copied into the static
+  buffers before each replay, the noise through pinned buffers without a host sync per row. Graphs are
+  cached across calls (keyed by the model and its fingerprint, the bucket, the shape, dtype, table,
+  guidance, labels, the shapes and dtypes of the batch-dim model keyword arguments and the contents of the
+  others, which the graph bakes in), so a repeated call (new prompts of the same shape included) replays
+  without capturing again.
 - **torch.compile** of the model (``compile=True`` or a mode string), cached per model.
 - **torch.distributed.** Inside an initialised process group (``distributed=None`` means: when one is
   initialised with more than one rank) the batch is cut into the same chunks of ``batch_size`` as a single
@@ -75,6 +78,7 @@ from fastdiff.engine_args import (
     check_memory_budget,
     check_sampler_options,
     check_shape,
+    default_guidance,
     default_y_null,
     resolve_device,
     resolve_seeds,
@@ -86,13 +90,24 @@ from fastdiff.policy import (
     default_dtype,
     use_channels_last,
 )
-from fastdiff.samplers import SAMPLERS, DeviceTable, build_table, make_generators, sample_loop, to_device
+from fastdiff.samplers import (
+    SAMPLERS,
+    DeviceTable,
+    build_table,
+    make_generators,
+    sample_loop,
+    state_frame,
+    to_device,
+)
 from fastdiff.static_step import (
     CudaGraphRunner,
     NoiseStager,
     StaticStep,
     batch_bucket,
+    batch_kwargs,
     bucket_floor,
+    chunk_kwargs,
+    kwargs_key,
     run_static,
     walk_rows,
 )
@@ -269,33 +284,42 @@ def _probes_memory(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _measure_capacity(run: Denoiser, raw_model, sample_shape, device: torch.device, guided: bool,
-                      has_y: bool, memory_budget: Optional[float]) -> int:
+PROBE_BATCH = 2  # samples in the memory probe's forward (twice that many rows under guidance)
+
+
+def _measure_capacity(run: Denoiser, raw_model, sample_shape, device: torch.device, memory_budget: Optional[float],
+                      *, has_y: bool = False, y_null=None, guidance: float = 1.0, model_kwargs: Optional[dict] = None,
+                      batch_keys: frozenset = frozenset()) -> int:
     """The largest chunk whose model activations fit ``memory_budget`` bytes (default 80% of the free
-    memory), from a probe forward at batch 2."""
+    memory), from a probe forward of ``PROBE_BATCH`` samples called as the run calls the model
+    (``Denoiser.model_output``: the guidance batch, the labels, the model keyword arguments, whose batch-dim
+    tensors are cut to the probe's samples). Needs at least ``PROBE_BATCH`` samples in ``model_kwargs``."""
     torch.cuda.synchronize(device)
     free, _ = torch.cuda.mem_get_info(device)
     budget = float(memory_budget) if memory_budget is not None else 0.8 * free
-    probe = 2
-    x = torch.zeros((probe * (2 if guided else 1), *sample_shape), device=device)
-    t = torch.full((x.shape[0],), 500.0, device=device)
-    yy = torch.zeros((x.shape[0],), dtype=torch.int64, device=device) if has_y else None
+    probe = PROBE_BATCH
+    x = torch.zeros((probe, *sample_shape), device=device)
+    t = torch.full((probe,), 500.0, device=device)
+    yy = torch.zeros((probe,), dtype=torch.int64, device=device) if has_y else None
+    kwargs = chunk_kwargs(model_kwargs, batch_keys, 0, probe)
+    prober = copy.copy(run)
+    prober.model = raw_model  # the eager module: a compiled one would compile once more for the probe's shape
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
-    with torch.no_grad():  # the eager module: a compiled one would compile once more for the probe's shape
-        run.model_fn(raw_model, x, t, yy)
+    with torch.no_grad():
+        prober.model_output(x, t, yy, y_null=y_null, guidance_scale=guidance, model_kwargs=kwargs)
     per_sample = max(1, (torch.cuda.max_memory_allocated(device) - base) / probe)
     state = 4 * math.prod(sample_shape) * 8  # x, history ring, noise, outputs: float32, generous
     return max(1, int(budget // (per_sample + state)))
 
 
-def _auto_batch_size(prep: model_cache.Prepared, run: Denoiser, sample_shape, device: torch.device,
-                     guided: bool, has_y: bool, n: int, memory_budget: Optional[float], key: tuple,
-                     use_graph: bool) -> int:
+def _auto_batch_size(prep: model_cache.Prepared, run: Denoiser, sample_shape, device: torch.device, n: int,
+                     memory_budget: Optional[float], key: tuple, use_graph: bool, **probe) -> int:
     """On CUDA: the chunk that fits the memory budget (probed once per model, shape and settings, then
     cached); with CUDA graphs a chunk size whose batch bucket is itself, so padding a chunk up to its bucket
     stays within the budget. Elsewhere ``CPU_BATCH_SIZE``, which does not depend on n or on the number of
-    processes, so a multi-process run cuts the batch as a single process does."""
+    processes, so a multi-process run cuts the batch as a single process does. ``probe``: the conditioning
+    of :func:`_measure_capacity`."""
     if not _probes_memory(device):
         return CPU_BATCH_SIZE
     if n <= 1:
@@ -303,8 +327,7 @@ def _auto_batch_size(prep: model_cache.Prepared, run: Denoiser, sample_shape, de
     capacities = prep.caches.setdefault("capacity", {})
     capacity = capacities.get(key)
     if capacity is None:
-        capacity = capacities[key] = _measure_capacity(run, prep.model, sample_shape, device, guided, has_y,
-                                                       memory_budget)
+        capacity = capacities[key] = _measure_capacity(run, prep.model, sample_shape, device, memory_budget, **probe)
     if use_graph:
         capacity = bucket_floor(capacity)
     return max(1, min(n, capacity))
@@ -342,7 +365,7 @@ def _ort_keywords() -> list:
 
 
 def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", steps: int = 20,
-           guidance_scale: float = 1.0, y=None, seeds=None, device=None, dtype=None, progress: bool = True,
+           guidance_scale: Optional[float] = None, y=None, seeds=None, device=None, dtype=None, progress: bool = True,
            batch_size: Optional[int] = None, compile: Union[bool, str, dict] = False,
            cuda_graph: Optional[bool] = None, runtime: str = "torch", *, schedule=None,
            prediction: str = "eps", learned_sigma: Optional[bool] = None, y_null=None,
@@ -366,6 +389,9 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
         sampler: a name in :data:`fastdiff.samplers.SAMPLERS`; steps: sampling steps (int >= 1).
         guidance_scale: classifier-free guidance weight w, a finite number in [0, 1000] (1: no guidance);
             w != 1 needs ``y`` and the null label ``y_null`` (default: the denoiser's or model's ``y_null``).
+            None (the default): the Denoiser's ``default_guidance_scale`` when ``y`` is given and there is a
+            null label (``fastdiff.load`` sets both: digits 2, DiT 4, U-ViT 1.4 / 1.7), else 1; for a step
+            graph path under ``runtime="onnxruntime"``, the default stored in a guided graph. A number wins.
         y: class labels, one int or (N,), each in [0, number of label rows of the model) where the model
             says (its label table, or ``num_classes``); required by a class-conditional model.
         seeds: one int per sample, one int S (sample i gets S + i), or None (fresh seeds from torch's global
@@ -398,7 +424,11 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
             shift set by the token count of ``shape``); a continuous schedule (no ``num_train_timesteps``)
             takes ``"uniform"`` where the table says an integer spacing.
         sampler_options: keyword options of the sampler builder (e.g. ``{"eta": 0.5}`` for DDIM).
-        model_kwargs: extra keyword arguments of the model (tensors with a batch dim are chunked with x).
+        model_kwargs: extra keyword arguments of the model (a transformer's prompt embeddings). Tensors go to
+            ``device``, floating ones in the run's ``dtype`` (copies: yours are left alone); tensors whose
+            first dim is N are cut into chunks with x (and doubled under guidance), the other values are the
+            same for every chunk. CUDA graphs take them: the batch-dim tensors through static buffers, the
+            rest baked into the graph (a new value is a new capture).
         channels_last: None: on for convolutional models on CUDA, and on CPU in bf16 for models of at
             least ``CPU_CHANNELS_LAST_MIN_PARAMS`` parameters.
         memory_budget: bytes (a number > 0) for one chunk's activations on CUDA (None: 80% of the free
@@ -426,7 +456,7 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
     shape = check_shape(shape)
     n = shape[0]
     steps = check_int("steps", steps)
-    guidance = check_guidance(guidance_scale)
+    guidance = None if guidance_scale is None else check_guidance(guidance_scale)  # None: resolved below
     batch_size = check_int("batch_size", batch_size, allow_none=True)
     threads = check_int("threads", threads, allow_none=True)
     memory_budget = check_memory_budget(memory_budget)
@@ -463,6 +493,8 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
         return (out, seed_list) if return_seeds else out
 
     denoiser = _as_denoiser(denoiser_or_model, schedule, prediction, learned_sigma)
+    if guidance is None:
+        guidance = default_guidance(denoiser, y is not None, y_null)
     labels, y_null = check_conditioning(denoiser, y, n, y_null, guidance, model_kwargs)
     if channels_last is None:
         channels_last = use_channels_last(denoiser.model, dev, dtype, len(shape))
@@ -477,10 +509,6 @@ def sample(denoiser_or_model, shape: Sequence[int], sampler: str = "dpmpp_2m", s
     if use_graph and (denoiser.cond_fn is not None or callback is not None):
         if cuda_graph:
             raise ValueError("cuda_graph=True cannot run classifier guidance (cond_fn) or a callback")
-        use_graph = False
-    if use_graph and model_kwargs and any(isinstance(v, Tensor) for v in model_kwargs.values()):
-        if cuda_graph:
-            raise ValueError("cuda_graph=True cannot take tensor model_kwargs: pass cuda_graph=False")
         use_graph = False
     if sigmas is None:
         sigmas, timesteps = _sampling_sigmas(denoiser, sampler, steps, spacing, shape)
@@ -515,12 +543,12 @@ def _sample_onnxruntime(denoiser_or_model, shape, sampler, steps, guidance, y, s
         denoiser_or_model = _as_denoiser(denoiser_or_model, schedule, prediction, learned_sigma)
     labels = y
     if isinstance(denoiser_or_model, Denoiser):
+        if guidance is None:
+            guidance = default_guidance(denoiser_or_model, y is not None, y_null)
         labels, y_null = check_conditioning(denoiser_or_model, y, n, y_null, guidance, None)
         schedule = schedule or denoiser_or_model.schedule
     elif y is not None:
         labels = check_labels(y, n, None)
-    if sigmas is None and spacing is None:
-        spacing = default_spacing(sampler, schedule)
     seed_list = resolve_seeds(seeds, n)
     with cpu_threads_for_call(threads) if dev.type == "cpu" else contextlib.nullcontext():
         out = sample_onnxruntime(denoiser_or_model, shape, sampler=sampler, steps=steps, guidance_scale=guidance,
@@ -537,25 +565,28 @@ def _sample_torch(denoiser: Denoiser, table, shape, dev, dtype, channels_last, c
     prep = model_cache.prepare(denoiser.model, dev, dtype, channels_last, eval=True,
                                private=bool(compile_mode) or use_graph)
     run = _run_denoiser(denoiser, prep, dtype, channels_last, compile_mode)
-    frame = "flow" if getattr(denoiser.schedule, "frame", None) == "flow" else "sigma"  # flow starts at inf
+    frame = state_frame(denoiser.schedule)  # a flow run starts at sigma = inf: its own frame
     dtab, digest = _device_table(table, run, dev, frame)
     start_scale = denoiser.schedule.initial_scale(float(table.sigma[0]), frame)
     guided = guidance != 1.0
     labels = labels.to(dev) if labels is not None else None
+    model_kwargs = _kwargs_on(model_kwargs, dev, dtype)
+    kw_batch = batch_kwargs(model_kwargs, n)  # chunked with x; the rest is the same for every sample
     settings = (tuple(sample_shape), dtype, bool(channels_last), _compile_key(compile_mode) if compile_mode
-                else None, guided, labels is not None)
+                else None, guided, labels is not None, kwargs_key(model_kwargs, kw_batch, content=False))
 
     rank, world = ranks
     if world > 1 and fresh_seeds:
         seed_list = seeds_of_rank0(seed_list, dev)
     if batch_size is None:
-        batch_size = _auto_batch_size(prep, run, sample_shape, dev, guided, labels is not None, n, memory_budget,
-                                      settings + (memory_budget,), use_graph)
+        batch_size = _auto_batch_size(prep, run, sample_shape, dev, n, memory_budget, settings + (memory_budget,),
+                                      use_graph, has_y=labels is not None, y_null=y_null, guidance=guidance,
+                                      model_kwargs=model_kwargs, batch_keys=kw_batch)
         if world > 1:  # every rank must cut the batch the same way
             batch_size = min_over_ranks(batch_size, dev)
     chunks = [(c0, min(n, c0 + batch_size)) for c0 in range(0, n, batch_size)]
     mine = chunks[rank::world]
-    graph_key = settings + (digest, guidance, _y_null_key(y_null), backend, _kwargs_key(model_kwargs),
+    graph_key = settings + (digest, guidance, _y_null_key(y_null), backend, kwargs_key(model_kwargs, kw_batch),
                             _denoiser_key(denoiser))
 
     local = torch.zeros((len(mine) * batch_size, *sample_shape), dtype=torch.float32, device=dev)
@@ -569,9 +600,10 @@ def _sample_torch(denoiser: Denoiser, table, shape, dev, dtype, channels_last, c
             noise = NoiseStager(make_generators(seed_list[c0:c1]), sample_shape, dev)
             x = noise.draw() * start_scale
             yc = labels[c0:c1] if labels is not None else None
-            mk = _chunk_kwargs(model_kwargs, n, c0, c1)
+            mk = chunk_kwargs(model_kwargs, kw_batch, c0, c1)
             if use_graph:
-                x = _run_graph(prep.caches, graph_key, run, dtab, x, yc, noise, y_null, guidance, mk, backend, bar)
+                x = _run_graph(prep.caches, graph_key, run, dtab, x, yc, noise, y_null, guidance, mk, backend, bar,
+                               batch_keys=kw_batch)
             else:
                 x = sample_loop(run, x, dtab, y=yc, y_null=y_null, guidance_scale=guidance, model_kwargs=mk,
                                 noise_fn=lambda k, r, stager=noise: stager.draw(), backend=backend, frame=frame,
@@ -590,17 +622,14 @@ def _y_null_key(y_null):
     return y_null
 
 
-def _kwargs_key(model_kwargs: Optional[dict]):
-    if not model_kwargs:
-        return None
-    return tuple(sorted((k, repr(v)) for k, v in model_kwargs.items()))
-
-
-def _chunk_kwargs(model_kwargs: Optional[dict], n: int, c0: int, c1: int) -> Optional[dict]:
+def _kwargs_on(model_kwargs: Optional[dict], device: torch.device, dtype: torch.dtype) -> Optional[dict]:
+    """The model keyword arguments as the run model takes them: tensors on ``device``, floating ones in the
+    run's ``dtype`` (prompt embeddings made in float32 for a bf16 run, as x is cast); the caller's dict and
+    tensors are left alone."""
     if not model_kwargs:
         return model_kwargs
-    return {k: v[c0:c1] if isinstance(v, Tensor) and v.dim() and v.shape[0] == n else v
-            for k, v in model_kwargs.items()}
+    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) if isinstance(v, Tensor)
+            else v for k, v in model_kwargs.items()}
 
 
 def _progress_callback(bar, callback):
@@ -617,18 +646,24 @@ def _progress_callback(bar, callback):
 
 
 def _run_graph(graphs_cache: dict, key: tuple, run: Denoiser, dtab: DeviceTable, x: Tensor, y: Optional[Tensor],
-               noise: NoiseStager, y_null, guidance_scale: float, model_kwargs, backend, bar=None) -> Tensor:
+               noise: NoiseStager, y_null, guidance_scale: float, model_kwargs, backend, bar=None, *,
+               batch_keys: Optional[frozenset] = None) -> Tensor:
     """One chunk through the CUDA graph of its batch bucket: found in ``graphs_cache`` (the model's cache)
-    under ``key`` + the bucket, else captured and kept there (at most ``MAX_GRAPHS_PER_MODEL``)."""
+    under ``key`` + the bucket, else captured and kept there (at most ``MAX_GRAPHS_PER_MODEL``).
+    ``batch_keys``: the model keyword arguments that carry the chunk's samples (default: the tensors whose
+    first dim is the chunk's); ``key`` must hold the shapes of those and the values of the others."""
     k = x.shape[0]
+    if batch_keys is None:
+        batch_keys = batch_kwargs(model_kwargs, k)
     bucket = batch_bucket(k)
     graphs = graphs_cache.setdefault("graphs", OrderedDict())
     full_key = key + (bucket,)
     runner = graphs.get(full_key)
     if runner is None:
         static = StaticStep(run, dtab, bucket, x.shape[1:], x.device, y=y, y_null=y_null,
-                            guidance_scale=guidance_scale, model_kwargs=model_kwargs, backend=backend)
-        static.load(x, y)
+                            guidance_scale=guidance_scale, model_kwargs=model_kwargs, batch_keys=batch_keys,
+                            backend=backend)
+        static.load(x, y, model_kwargs)
         runner = CudaGraphRunner(static)
         graphs[full_key] = runner
         while len(graphs) > MAX_GRAPHS_PER_MODEL:
@@ -636,6 +671,6 @@ def _run_graph(graphs_cache: dict, key: tuple, run: Denoiser, dtab: DeviceTable,
     else:
         graphs.move_to_end(full_key)
     static = runner.static
-    static.load(x, y)  # again: capturing ran the step on the buffers
+    static.load(x, y, model_kwargs)  # again: capturing ran the step on the buffers
     walk_rows(static, noise, k, runner.replay, bar)
     return static.x[:k].clone()

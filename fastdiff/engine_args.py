@@ -22,7 +22,7 @@ from fastdiff.policy import as_dtype
 __all__ = ["SEED_LIMIT", "MAX_GUIDANCE", "RENAMED", "resolve_seeds", "resolve_device", "check_int",
            "check_guidance", "check_memory_budget", "check_sampler_options", "check_extra_kwargs",
            "label_count", "is_conditional", "check_labels", "check_y_null", "check_shape", "check_dtype",
-           "check_choice", "check_compile", "default_y_null", "check_conditioning"]
+           "check_choice", "check_compile", "default_y_null", "default_guidance", "check_conditioning"]
 
 SEED_LIMIT = 2 ** 63  # seeds lie in [0, 2^63): what every torch.Generator takes without wrapping
 MAX_GUIDANCE = 1e3    # past this every pixel saturates; such a weight is a mistake, not a setting
@@ -338,6 +338,16 @@ def default_y_null(obj, model):
         if value is not None and not isinstance(value, nn.Module):
             return value
     return None
+
+
+def default_guidance(denoiser, has_labels: bool, y_null=None) -> float:
+    """What ``guidance_scale=None`` means: the denoiser's ``default_guidance_scale`` (what ``fastdiff.load``
+    sets from upstream: digits 2, DiT 4, ...) when class labels are given and there is a null label
+    (``y_null``, else the denoiser's own), else 1 (no guidance)."""
+    null = y_null if y_null is not None else getattr(denoiser, "y_null", None)
+    if not has_labels or null is None:
+        return 1.0
+    return check_guidance(getattr(denoiser, "default_guidance_scale", 1.0))
 
 
 def check_conditioning(denoiser, y, n: int, y_null, guidance: float, model_kwargs):

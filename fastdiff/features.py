@@ -29,7 +29,10 @@ Layers are module names, in the forward order of each model:
 
 A feature equals the output of the named module in a full forward of ``model(x_t, t, y)`` at
 ``x_t = schedule.add_noise(image, noise, t)``: the walkers below follow each model's ``forward`` line
-by line (the tests hold them to a hook loop over full forwards at 1e-5).
+by line (the tests hold them to a hook loop over full forwards at 1e-5). Built from a Denoiser, the
+network is called as the Denoiser calls it, through its ``model_fn``: the latent U-ViT models of
+``fastdiff.load`` see ``t + 1`` (:class:`fastdiff.loading.TimestepOffset`), and the walk (or the hooks)
+runs on whatever inputs ``model_fn`` hands the network.
 
 Noise is per sample: image ``k`` of a call (or of a stream) draws its noise from a CPU generator
 seeded with ``seed + k`` (or ``seeds[k]``), shape (ensemble, C, H, W) shared by all timesteps (as
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -229,6 +233,38 @@ class _StopForward(Exception):
     pass
 
 
+class _FeaturesReady(Exception):
+    """Carries the features out of a Denoiser's ``model_fn`` once the walk has stopped."""
+
+    def __init__(self, features: dict):
+        super().__init__()
+        self.features = features
+
+
+class _WalkedNetwork:
+    """The network as a Denoiser's ``model_fn`` sees it, for the walkers: ``model_fn(walked, x, t, y)``
+    decides what the network is called with (a timestep offset, the labels as ``class_labels``, ...), the
+    walk runs on exactly those inputs, stops after the deepest layer and hands the features out, so nothing
+    of ``model_fn`` after the network runs. Called as the zoo models are: ``(x, timesteps, y=None)``."""
+
+    def __init__(self, walk: Callable):
+        self.walk = walk
+
+    def __call__(self, x: Tensor, timesteps: Tensor, y: Optional[Tensor] = None, *,
+                 class_labels: Optional[Tensor] = None, **kwargs):
+        if kwargs:
+            raise ValueError(f"model_fn passed {sorted(kwargs)} to the model: the feature walkers take "
+                             "(x, timesteps, y) only")
+        raise _FeaturesReady(self.walk(x, timesteps, y if y is not None else class_labels))
+
+
+def _callable_name(fn) -> str:
+    """A name of ``fn`` that is the same in every process (for a feature run's identity)."""
+    if inspect.isfunction(fn) or inspect.ismethod(fn) or inspect.isbuiltin(fn):
+        return f"{fn.__module__}.{fn.__qualname__}"
+    return repr(fn) if type(fn).__repr__ is not object.__repr__ else type(fn).__qualname__
+
+
 def _first_tensor(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -285,7 +321,9 @@ class FeatureExtractor:
     Args:
         model: a zoo model (ADMUNet, ADMClassifier, DDPMUNet, DiT, UViT), any ``nn.Module`` called as
             ``model(x, t)`` / ``model(x, t, y=y)``, or a :class:`fastdiff.Denoiser` (its model, its
-            schedule when ``schedule`` is None, its ``y_null`` as the null label: the bundled digits model).
+            schedule when ``schedule`` is None, its ``y_null`` as the null label: the bundled digits model;
+            and its ``model_fn``: the network is called as the Denoiser calls it, e.g. at ``t + 1`` for the
+            latent U-ViT models of ``fastdiff.load``).
         schedule: a :class:`fastdiff.schedules.VPSchedule` (``add_noise``, ``num_train_timesteps``); None
             with a Denoiser (``FeatureExtractor(fastdiff.load("digits"), layers=..., timesteps=...)``).
         layers: module names (see :func:`layer_names`); the forward stops after the deepest.
@@ -315,10 +353,16 @@ class FeatureExtractor:
                  upsample_to: Union[None, str, int, tuple] = None, concat: bool = False,
                  noise_per_timestep: bool = False, y=None, batch_size: Optional[int] = None,
                  max_memory=None, dtype: Optional[torch.dtype] = torch.float32):
+        from fastdiff.denoiser import call_model
+
         self._y_null = None
+        # how the network is called: model_fn(network, x_t, t, y) as a Denoiser calls it, or None (directly)
+        self.model_fn: Optional[Callable] = None
         if not isinstance(model, nn.Module) and isinstance(getattr(model, "model", None), nn.Module):
-            # a fastdiff Denoiser: its model, its schedule, its null label
+            # a fastdiff Denoiser: its model, its schedule, its null label, its model call
             self._y_null = getattr(model, "y_null", None)
+            fn = getattr(model, "model_fn", None)
+            self.model_fn = None if fn is None or fn is call_model else fn
             schedule = model.schedule if schedule is None else schedule
             model = model.model
         if not isinstance(model, nn.Module):
@@ -468,10 +512,19 @@ class FeatureExtractor:
         return self._forward_features(self._net(), x_t, t, y)
 
     def _forward_features(self, net: nn.Module, x_t: Tensor, t: Tensor, y: Optional[Tensor]) -> dict:
-        if self.kind != "hooks":
-            keep = _Collector(self.layers, self._last, self._map)
-            return dict(_WALKERS[self.kind](net, x_t, t, y, keep))
-        return self._forward_hooks(net, x_t, t, y)
+        if self.kind == "hooks":  # model_fn calls the network itself; the hooks stop it
+            return self._forward_hooks(net, x_t, t, y)
+        if self.model_fn is None:
+            return self._walk(net, x_t, t, y)
+        try:
+            self.model_fn(_WalkedNetwork(lambda x, tt, yy: self._walk(net, x, tt, yy)), x_t, t, y)
+        except _FeaturesReady as ready:
+            return ready.features
+        raise ValueError("model_fn: the Denoiser's model_fn returned without calling the model")
+
+    def _walk(self, net: nn.Module, x_t: Tensor, t: Tensor, y: Optional[Tensor]) -> dict:
+        keep = _Collector(self.layers, self._last, self._map)
+        return dict(_WALKERS[self.kind](net, x_t, t, y, keep))
 
     def _forward_hooks(self, net: nn.Module, x_t: Tensor, t: Tensor, y: Optional[Tensor]) -> dict[str, Tensor]:
         modules = dict(net.named_modules())
@@ -489,7 +542,10 @@ class FeatureExtractor:
 
         handles = [modules[name].register_forward_hook(hook(name)) for name in self.layers]
         try:
-            _call_model(net, x_t, t, y)
+            if self.model_fn is None:
+                _call_model(net, x_t, t, y)
+            else:
+                self.model_fn(net, x_t, t, y)
         except _StopForward:
             pass
         finally:
@@ -658,7 +714,8 @@ class FeatureExtractor:
     def settings(self) -> dict:
         """What determines the features (the identity of a feature-folder run): the model's class and a
         fingerprint of its weights, the schedule, layers, timesteps, ensemble, seed, pool, upsample,
-        concat, noise draws, labels and output dtype. Rows per forward and the device are left out."""
+        concat, noise draws, labels, output dtype, and the Denoiser's model call where it has its own
+        (``model_fn``). Rows per forward and the device are left out."""
         y = self.y
         if isinstance(y, Tensor):
             y = hashlib.sha256(y.detach().cpu().to(torch.int64).numpy().tobytes()).hexdigest()[:16]
@@ -667,7 +724,8 @@ class FeatureExtractor:
         except ValueError:
             null = None
         abar = torch.as_tensor(self.schedule.alphas_cumprod, dtype=torch.float64).cpu().numpy()
-        return {"model": type(self.model).__name__, "weights": _weights_fingerprint(self.model),
+        call = {} if self.model_fn is None else {"model_fn": _callable_name(self.model_fn)}
+        return {**call, "model": type(self.model).__name__, "weights": _weights_fingerprint(self.model),
                 "schedule": hashlib.sha256(abar.tobytes()).hexdigest()[:16], "layers": self.layers,
                 "timesteps": self.timesteps, "ensemble": self.ensemble, "seed": self.seed, "pool": self.pool,
                 "concat": self.concat, "upsample_to": self.upsample_to,

@@ -5,8 +5,8 @@ ONNX graph, for Python and the command line alike.
     den = fd.load("dit-xl-2-256", checkpoint="DiT-XL-2-256x256.pt", vae="sd-vae-ft-ema/")
     den = fd.load("ddpm-cifar10-32/")                                # a diffusers UNet2DModel or pipeline folder
     den = fd.load("model.onnx")                                      # a graph from fastdiff.export.to_onnx
-    x = fd.sample(den, (8, *den.sample_shape), y=torch.arange(8), guidance_scale=den.default_guidance_scale,
-                  decode=True)                                       # images, decoded by the VAE
+    x = fd.sample(den, (8, *den.sample_shape), y=torch.arange(8),
+                  decode=True)                                       # images (guided at den.default_guidance_scale)
 
 The returned Denoiser carries, besides its model, schedule, prediction and learned sigma: ``num_classes``
 (the real classes; None for an unconditional model), ``y_null`` (the null label of classifier-free

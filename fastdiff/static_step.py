@@ -1,10 +1,15 @@
 """The sampling step on static buffers, its CUDA graph, and per-row noise without a host sync.
 
 :class:`StaticStep` is one table row on buffers allocated once: ``x <- update(x, model(x * c_in[row]),
-history, noise)``; the row index, the noise and the labels are copied into the buffers before each step, and
-the step reads no tensor value on the host. On CUDA :class:`CudaGraphRunner` captures it once and replays it
+history, noise)``; the row index, the noise, the labels and the batch-dim tensor model keyword arguments
+(prompt embeddings) are copied into the buffers before each step, and the step reads no tensor value on the
+host. On CUDA :class:`CudaGraphRunner` captures it once and replays it
 for every row; elsewhere it runs eagerly (:func:`run_static`) and gives the bits of
 :func:`fastdiff.samplers.sample_loop`, so the logic the graph records is tested on the CPU.
+
+Model keyword arguments: :func:`batch_kwargs` names those that carry the batch (tensors whose first dim
+is N), :func:`chunk_kwargs` cuts them with x, and :func:`kwargs_key` says what a captured step depends on:
+the shapes and dtypes of the batch ones (copied into static buffers), the contents of the others (baked in).
 
 :class:`NoiseStager` brings each row's per-sample noise (drawn from the per-sample CPU generators, the
 source of truth for every device) to the device: on CUDA through a small ring of pinned host buffers and
@@ -14,7 +19,8 @@ copy for every row.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+import hashlib
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -23,7 +29,7 @@ from fastdiff.denoiser import Denoiser
 from fastdiff.samplers import DeviceTable
 
 __all__ = ["StaticStep", "CudaGraphRunner", "NoiseStager", "walk_rows", "run_static", "batch_bucket",
-           "bucket_floor"]
+           "bucket_floor", "batch_kwargs", "chunk_kwargs", "kwargs_key"]
 
 
 def batch_bucket(n: int) -> int:
@@ -38,6 +44,67 @@ def bucket_floor(n: int) -> int:
     if n <= 64:
         return 1 << (max(1, n).bit_length() - 1)
     return n // 64 * 64
+
+
+def batch_kwargs(model_kwargs: Optional[dict], n: int) -> frozenset:
+    """The names of the model keyword arguments that carry the batch: tensors whose first dim is ``n`` (the
+    rule by which the engine cuts them into chunks and ``Denoiser.model_output`` doubles them under
+    guidance). The others are the same for every sample."""
+    if not model_kwargs:
+        return frozenset()
+    return frozenset(k for k, v in model_kwargs.items() if isinstance(v, Tensor) and v.dim() and v.shape[0] == n)
+
+
+def _own_copy(value, device):
+    """``value`` with every tensor in it (also inside dicts, lists and tuples) copied to a new tensor on
+    ``device``: what a captured graph reads must not be the caller's memory, which may be freed or reused."""
+    if isinstance(value, Tensor):
+        return value.detach().to(device, copy=True)
+    if isinstance(value, dict):
+        return {k: _own_copy(v, device) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+        return type(value)(*(_own_copy(v, device) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_own_copy(v, device) for v in value)
+    return value
+
+
+def _tensor_digest(t: Tensor) -> str:
+    flat = t.detach().reshape(-1).contiguous().cpu()
+    return hashlib.sha1(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _value_key(value, content: bool):
+    """A hashable key of a model keyword argument that is baked into a captured step: tensors by shape,
+    dtype and (``content``) a digest of their bytes, containers element by element, plain values by
+    repr, any other object by identity (the cached step keeps it alive, so the id is not reused)."""
+    if isinstance(value, Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, _tensor_digest(value) if content else None)
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((repr(k), _value_key(v, content)) for k, v in value.items())))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_value_key(v, content) for v in value))
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes, torch.dtype, torch.device)):
+        return ("value", type(value).__name__, repr(value))
+    return ("object", type(value).__qualname__, id(value))
+
+
+def kwargs_key(model_kwargs: Optional[dict], batch_keys: frozenset, content: bool = True):
+    """What a captured step depends on in ``model_kwargs``: the batch-dim tensors by shape past the batch
+    and dtype (their values are copied into static buffers before each chunk), every other argument by
+    value (:func:`_value_key`: the step reads the copy made at capture). ``content=False``: shapes only
+    (the memory probe's key)."""
+    if not model_kwargs:
+        return None
+    return tuple(sorted((k, ("batch", tuple(v.shape[1:]), v.dtype) if k in batch_keys else _value_key(v, content))
+                        for k, v in model_kwargs.items()))
+
+
+def chunk_kwargs(model_kwargs: Optional[dict], batch_keys: frozenset, c0: int, c1: int) -> Optional[dict]:
+    """Samples c0..c1 of ``model_kwargs``: the batch-dim tensors cut, the rest as they are."""
+    if not model_kwargs:
+        return model_kwargs
+    return {k: v[c0:c1] if k in batch_keys else v for k, v in model_kwargs.items()}
 
 
 class NoiseStager:
@@ -102,21 +169,25 @@ class StaticStep:
     """One table row on static buffers: ``x <- update(x, model(x * c_in[row]), history, noise)``.
 
     Buffers (allocated once for a batch of n): ``x`` (n, ...) float32 state, ``history`` (S, n, ...),
-    ``noise`` (n, ...) (zeros on rows without noise), ``row`` (1,) int32, ``y`` (n,) int64 or None.
-    :meth:`step` reads them and writes ``x`` and ``history`` in place; it reads no tensor value on the host,
-    so on CUDA it can be captured once and replayed for every row (:class:`CudaGraphRunner`).
+    ``noise`` (n, ...) (zeros on rows without noise), ``row`` (1,) int32, ``y`` (n,) int64 or None, and one
+    buffer (n, ...) per batch-dim tensor of ``model_kwargs`` (``batch_keys``; default: the tensors whose first
+    dim is n), in that tensor's dtype. The other model keyword arguments are constants of the step: the
+    step keeps its own copy of every tensor in them, made here (a caller that reuses a step for other
+    constants must capture another: the engine keys its graphs on their contents).
+    :meth:`step` reads the buffers and writes ``x`` and ``history`` in place; it reads no tensor value on the
+    host, so on CUDA it can be captured once and replayed for every row (:class:`CudaGraphRunner`).
     """
 
     def __init__(self, denoiser: Denoiser, table: DeviceTable, n: int, sample_shape: Sequence[int],
                  device, *, y: Optional[Tensor] = None, y_null=None, guidance_scale: float = 1.0,
-                 model_kwargs: Optional[dict] = None, backend: Optional[str] = None):
+                 model_kwargs: Optional[dict] = None, batch_keys: Optional[Iterable[str]] = None,
+                 backend: Optional[str] = None):
         if denoiser.cond_fn is not None:
             raise ValueError("classifier guidance (cond_fn) needs autograd: use the plain loop "
                              "(cuda_graph=False)")
         host = table.table
         self.denoiser, self.table, self.n = denoiser, table, int(n)
         self.guidance_scale, self.y_null, self.backend = float(guidance_scale), y_null, backend
-        self.model_kwargs = model_kwargs
         self.has_noise = bool(host.needs_noise.any())
         self.learned_range = bool(host.learned_range)
         shape = (self.n, *sample_shape)
@@ -125,19 +196,40 @@ class StaticStep:
         self.noise = torch.zeros(shape, dtype=torch.float32, device=device) if self.has_noise else None
         self.row = torch.zeros((1,), dtype=torch.int32, device=device)
         self.y = None if y is None else torch.zeros((self.n,), dtype=torch.int64, device=device)
+        kwargs = dict(model_kwargs or {})
+        keys = batch_kwargs(kwargs, self.n) if batch_keys is None else frozenset(batch_keys)
+        for name in sorted(keys):
+            v = kwargs.get(name)
+            if not isinstance(v, Tensor) or v.dim() == 0:
+                raise ValueError(f"batch_keys: model_kwargs[{name!r}] must be a tensor with a batch dim, got "
+                                 f"{type(v).__name__ if not isinstance(v, Tensor) else tuple(v.shape)}")
+        self.kwargs_buffers = {name: torch.zeros((self.n, *kwargs[name].shape[1:]), dtype=kwargs[name].dtype,
+                                                 device=device) for name in keys}
+        self.kwargs_constant = {k: _own_copy(v, device) for k, v in kwargs.items() if k not in keys}
+        self.model_kwargs = {k: self.kwargs_buffers.get(k, self.kwargs_constant.get(k)) for k in kwargs} or None
 
-    def load(self, x: Tensor, y: Optional[Tensor] = None) -> None:
-        """Copy a chunk's starting state (and labels) in, zero the history; a short chunk is padded with
-        copies of its first sample (the padded outputs are dropped)."""
+    def load(self, x: Tensor, y: Optional[Tensor] = None, model_kwargs: Optional[dict] = None) -> None:
+        """Copy a chunk's starting state, labels and batch-dim model keyword arguments in, zero the history;
+        a short chunk is padded with copies of its first sample (the padded outputs are dropped).
+        ``model_kwargs`` has the keys the step was built with; its constants are not read (see the class)."""
         k = x.shape[0]
-        self.x[:k].copy_(x)
-        if k < self.n:
-            self.x[k:].copy_(x[:1].expand(self.n - k, *x.shape[1:]))
+        given = dict(model_kwargs or {})
+        if set(given) != set(self.model_kwargs or {}):
+            raise ValueError(f"model_kwargs must have the keys this step was built with "
+                             f"{sorted(self.model_kwargs or {})}, got {sorted(given)}")
+        for name, buf in self.kwargs_buffers.items():  # checked before anything is written
+            v = given[name]
+            want = (k, *buf.shape[1:])
+            if not isinstance(v, Tensor) or tuple(v.shape) != want:
+                got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+                raise ValueError(f"model_kwargs[{name!r}] must have shape {want} (the chunk's samples first), "
+                                 f"got {got}")
+        _copy_padded(self.x, x)
         self.history.zero_()
         if self.y is not None:
-            self.y[:k].copy_(y)
-            if k < self.n:
-                self.y[k:].copy_(y[:1].expand(self.n - k))
+            _copy_padded(self.y, y)
+        for name, buf in self.kwargs_buffers.items():
+            _copy_padded(buf, given[name])
 
     def set_row(self, r: int, noise: Optional[NoiseStager] = None, k: Optional[int] = None) -> None:
         """Point the step at row ``r``; draw its noise for the first ``k`` samples from ``noise`` when the
@@ -173,6 +265,14 @@ class StaticStep:
                                   variance=var if self.learned_range else None, noise=self.noise, clip=clip,
                                   backend=self.backend)
         x.copy_(x_next)
+
+
+def _copy_padded(dst: Tensor, src: Tensor) -> None:
+    """``dst[:k] = src`` (k = len(src)) and the rows past k copies of ``src[0]``."""
+    k = src.shape[0]
+    dst[:k].copy_(src)
+    if k < dst.shape[0]:
+        dst[k:].copy_(src[:1].expand(dst.shape[0] - k, *src.shape[1:]))
 
 
 class CudaGraphRunner:
@@ -227,7 +327,8 @@ def run_static(run: Denoiser, dtab: DeviceTable, x: Tensor, y: Optional[Tensor],
     """
     k = x.shape[0]
     static = StaticStep(run, dtab, pad_to or k, x.shape[1:], x.device, y=y, y_null=y_null,
-                        guidance_scale=guidance_scale, model_kwargs=model_kwargs, backend=backend)
-    static.load(x, y)
+                        guidance_scale=guidance_scale, model_kwargs=model_kwargs,
+                        batch_keys=batch_kwargs(model_kwargs, k), backend=backend)
+    static.load(x, y, model_kwargs)
     walk_rows(static, NoiseStager(gens, x.shape[1:], x.device), k, static.step)
     return static.x[:k].clone()

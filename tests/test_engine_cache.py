@@ -301,8 +301,8 @@ def test_graph_cache_is_bounded(cpu_graphs):
 def test_memory_probe_is_cached_and_chunks_fit_their_bucket(monkeypatch, cpu_graphs):
     probes = []
 
-    def fake_capacity(run, raw_model, sample_shape, device, guided, has_y, memory_budget):
-        probes.append((tuple(sample_shape), guided, has_y, memory_budget))
+    def fake_capacity(run, raw_model, sample_shape, device, memory_budget, **conditioning):
+        probes.append((tuple(sample_shape), memory_budget, conditioning["has_y"], conditioning["guidance"]))
         return 100  # 100 samples fit the budget
 
     chunks = []
@@ -458,7 +458,9 @@ def test_onnxruntime_takes_its_own_keywords(monkeypatch):
                                  runtime="onnxruntime", providers=["CPUExecutionProvider"], frame="sigma",
                                  progress=False, return_seeds=True)
     assert out.shape == (2, 1, 8, 8) and seen["seeds"] == seeds
-    assert seen["providers"] == ["CPUExecutionProvider"] and seen["spacing"] == "leading"
+    # the spacing is left to sample_onnxruntime, which lays out the sampler's default as the torch runtime
+    # does (tests/test_export_onnx.py checks the layout)
+    assert seen["providers"] == ["CPUExecutionProvider"] and seen["spacing"] is None and seen["sigmas"] is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,7 +532,8 @@ def test_cuda_chunks_fit_the_memory_budget():
     den = tiny_denoiser()
     prep = model_cache.prepare(den.model, "cuda", torch.bfloat16, private=True)
     run = engine._run_denoiser(den, prep, torch.bfloat16, False, False)
-    per = engine._measure_capacity(run, prep.model, (1, 8, 8), torch.device("cuda"), True, True, 1e9)
+    per = engine._measure_capacity(run, prep.model, (1, 8, 8), torch.device("cuda"), 1e9, has_y=True, y_null=ROWS - 1,
+                                   guidance=2.0)
     budget = 1e9 * 5.5 / per  # about 5.5 samples' worth
     out = fastdiff.sample(den, (11, 1, 8, 8), steps=2, guidance_scale=2.0, y=0, seeds=0, device="cuda",
                           memory_budget=budget, progress=False)

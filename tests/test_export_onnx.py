@@ -444,3 +444,99 @@ def test_digits_samples_through_ort_classified_like_pytorch():
     assert acc_torch >= 0.5, f"the classifier pipeline or the model is broken: PyTorch accuracy {acc_torch}"
     assert abs(acc_ort - acc_torch) <= 0.01, (acc_ort, acc_torch)
     assert rel_l2(out, ref) <= 1e-3, rel_l2(out, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# flow matching through ONNX Runtime: the run starts at sigma = inf, in the flow frame
+# ---------------------------------------------------------------------------------------------
+
+
+class TinyVelocity(torch.nn.Module):
+    """A tiny velocity model ``(x, t) -> v`` (flow prediction), timesteps in [0, 1000]."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = torch.nn.Conv2d(2, 8, 3, padding=1)
+        self.temb = torch.nn.Linear(1, 8)
+        self.out = torch.nn.Conv2d(8, 2, 3, padding=1)
+
+    def forward(self, x, t):
+        h = self.inp(x) + self.temb(t[:, None].to(x.dtype) / 1000)[:, :, None, None]   # (N, 8, H, W)
+        return self.out(torch.tanh(h))
+
+
+FLOW_CASES = [
+    ("euler", dict(shift=3.0)),                    # SD3's static shift
+    ("heun", dict(use_dynamic_shifting=True)),     # Flux's shift from the token count; Heun in flow time
+    ("lcm", dict(shift=3.0)),                      # noise on every row (FlowMatchEuler stochastic_sampling)
+]
+
+
+@pytest.mark.parametrize("sampler, schedule", FLOW_CASES, ids=[c[0] for c in FLOW_CASES])
+def test_flow_model_through_onnxruntime_matches_torch(sampler, schedule, tmp_path):
+    from fastdiff.schedules import FlowSchedule
+
+    den = Denoiser(TinyVelocity(), FlowSchedule(**schedule), prediction="flow", patch_size=2)
+    shape = (3, 2, 8, 8)
+    kw = dict(sampler=sampler, steps=4, seeds=[1, 2, 3], dtype=torch.float32, progress=False)
+    ref = fastdiff.sample(den, shape, **kw)
+    out = fastdiff.sample(den, shape, runtime="onnxruntime", **kw)
+    assert torch.isfinite(out).all() and rel_l2(out, ref) <= TOL, rel_l2(out, ref)
+    # the graph alone: its frame, schedule (shift included) and patch size come from its metadata
+    path = step_to_onnx(den, sampler, tmp_path / "flow_step.onnx", input_shape=shape[1:])
+    meta = read_metadata(path)
+    assert meta["frame"] == "flow" and meta["schedule"]["type"] == "FlowSchedule" and meta["patch_size"] == 2
+    alone = sample_onnxruntime(path, shape, sampler=sampler, steps=4, seeds=[1, 2, 3],
+                               providers=["CPUExecutionProvider"])
+    assert rel_l2(alone, ref) <= TOL, rel_l2(alone, ref)
+
+
+def test_flow_step_graph_in_the_sigma_view_is_refused(tmp_path):
+    from fastdiff.schedules import FlowSchedule
+
+    den = Denoiser(TinyVelocity(), FlowSchedule(shift=3.0), prediction="flow")
+    with pytest.raises(ValueError, match="sigma = inf.*frame='flow'"):
+        step_to_onnx(den, "euler", tmp_path / "s.onnx", frame="sigma", input_shape=(2, 8, 8))
+    with pytest.raises(ValueError, match="frame"):
+        step_to_onnx(den, "euler", tmp_path / "s.onnx", frame="vp", input_shape=(2, 8, 8))
+    assert not (tmp_path / "s.onnx").exists()
+
+
+def test_initial_state_is_the_schedules_initial_scale():
+    from fastdiff.schedules import FlowSchedule, VESDESchedule
+
+    noise = torch.randn(2, 1, 4, 4)
+    flow = FlowSchedule(shift=3.0)
+    assert torch.equal(initial_state(flow, float("inf"), noise, "flow"), noise)
+    assert torch.equal(initial_state(flow, 3.0, noise, "sigma"), noise * 4.0)  # x = (1 + sigma) x_s
+    with pytest.raises(ValueError, match="inf"):
+        initial_state(flow, float("inf"), noise, "sigma")
+    assert torch.equal(initial_state(VPSchedule(), 80.0, noise, "vp"), noise)
+    torch.testing.assert_close(initial_state(VPSchedule(), 80.0, noise, "sigma"), noise * (1 + 80.0 ** 2) ** 0.5)
+    assert torch.equal(initial_state(VESDESchedule(), 50.0, noise, "sigma"), noise * 50.0)
+
+
+def test_step_graph_lays_out_the_samplers_default_spacing(step_graphs):
+    """sample_onnxruntime's spacing=None is the sampler's default as fastdiff.sample lays it out (DDIM:
+    diffusers' "leading")."""
+    from fastdiff import engine
+
+    denoiser, path = step_graphs("ddim")
+    shape = (1, *read_metadata(path)["input_shape"])
+    _, dtab = sample_onnxruntime(path, shape, sampler="ddim", steps=5, return_table=True,
+                                 providers=["CPUExecutionProvider"])
+    _, timesteps = engine._sampling_sigmas(denoiser, "ddim", 5, None, shape)
+    np.testing.assert_array_equal(dtab.table.timestep[:5], timesteps)
+
+
+def test_guidance_none_takes_a_guided_graphs_stored_default():
+    """sample_onnxruntime(path, ..., guidance_scale=None): the default stored in a guided graph (what
+    fastdiff.load set on the Denoiser it was exported from) when labels are given, else 1."""
+    from fastdiff.engine_args import default_guidance
+    from fastdiff.export.ort import _MetaDenoiser
+
+    meta = {"guided": True, "y_null": 10, "default_guidance_scale": 4.0}
+    assert default_guidance(_MetaDenoiser(meta, VPSchedule()), True) == 4.0
+    assert default_guidance(_MetaDenoiser(meta, VPSchedule()), False) == 1.0
+    assert default_guidance(_MetaDenoiser(meta | {"guided": False}, VPSchedule()), True) == 1.0  # no guidance in it

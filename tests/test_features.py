@@ -408,3 +408,98 @@ def test_cli_features_on_an_image_folder(tmp_path):
     fx = FeatureExtractor(den, None, layers=["middle_block"], timesteps=[50, 100], pool="avg")
     assert fx.null_label() == den.y_null
     assert rel_l2(loaded["middle_block/t100"], fx(images)["middle_block"][100]) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Built from a Denoiser: the network is called as the Denoiser calls it (its model_fn)
+# ---------------------------------------------------------------------------------------------
+
+
+def loaded_latent_uvit():
+    """fastdiff.load's latent U-ViT (ImageNet 256, a small config, random weights): trained on timesteps
+    1..1000, its Denoiser calls the network at t + 1 (TimestepOffset)."""
+    import fastdiff
+
+    return fastdiff.load("uvit-imagenet256-large", random_weights=True,
+                         overrides=dict(embed_dim=64, depth=3, num_heads=2))
+
+
+def test_denoiser_features_call_the_network_at_t_plus_one():
+    from fastdiff.loading import TimestepOffset
+
+    den = loaded_latent_uvit()
+    assert isinstance(den.model_fn, TimestepOffset) and den.model_fn.timestep_offset == 1
+    model = den.model
+    layers, timesteps, label = ["mid_block", "in_blocks.0"], [0, 400, 999], 3
+    calls = count_calls(model, ["in_blocks.0", "out_blocks.0", "norm", "decoder_pred"])
+    fx = FeatureExtractor(den, layers=layers, timesteps=timesteps, y=label, seed=5)
+    images = torch.randn(2, *den.sample_shape, generator=torch.Generator().manual_seed(0))
+    got = fx(images)
+    assert calls == {"in_blocks.0": 1, "out_blocks.0": 0, "norm": 0, "decoder_pred": 0}  # the walk still stops
+    # the reference: the network called directly at t + 1 in full forwards, read with hooks
+    noise = fx.noise(images.shape[1:], [5, 6])
+    modules, seen = dict(model.named_modules()), {}
+    handles = [modules[name].register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o))
+               for name in layers]
+    try:
+        with torch.no_grad():
+            for t in timesteps:
+                tt = torch.full((2,), t, dtype=torch.long)
+                model(den.schedule.add_noise(images, noise[:, 0], tt), tt + 1, torch.full((2,), label))
+                for name in layers:
+                    assert rel_l2(got[name][t], to_map(model, seen[name])) <= 1e-7, (name, t)
+    finally:
+        for h in handles:
+            h.remove()
+    # the bare network (no model_fn) sees t: one timestep off, which the check above tells apart (the
+    # time token is one of 256 + 2 tokens here: t and t + 1 differ by ~5e-5)
+    bare = FeatureExtractor(model, den.schedule, layers=layers, timesteps=timesteps, y=label, seed=5)
+    off = bare(images)
+    assert min(rel_l2(off[name][t], got[name][t]) for name in layers for t in timesteps) > 1e-5
+    # the model call is part of a feature run's identity
+    assert fx.settings()["model_fn"] == "TimestepOffset(1)" and "model_fn" not in bare.settings()
+
+
+def test_denoiser_features_through_other_model_fns():
+    """A model_fn that renames the labels (diffusers U-Nets take class_labels) and the hook path for a model
+    the walkers do not know both run on the inputs model_fn gives the network."""
+    from fastdiff.denoiser import Denoiser, call_model
+
+    base = build("adm-cond")
+
+    def as_class_labels(model, x, t, y=None, **kwargs):  # fastdiff.loading's diffusers-style call, shifted
+        return call_model(model, x, t + 7, None, **({"class_labels": y} if y is not None else {}), **kwargs)
+
+    class Relabelled(ADMUNet):  # the hook path; forward takes class_labels
+        def forward(self, x, timesteps, class_labels=None):
+            return super().forward(x, timesteps, class_labels)
+
+    other = Relabelled(**TINY["adm-cond"][1]).eval()
+    other.load_state_dict(base.state_dict())
+    kw = dict(layers=["input_blocks.1"], timesteps=[10, 500], y=2)
+    images = images_for(base, 2)
+    shifted = FeatureExtractor(base, SCHEDULE, **(kw | {"timesteps": [17, 507]}))(images)  # t + 7 directly
+    for model in (base, other):
+        got = FeatureExtractor(Denoiser(model, SCHEDULE, model_fn=as_class_labels), **kw)(images)
+        for t in kw["timesteps"]:  # the noise is drawn per image, not per timestep: the same x_t at t
+            ref = FeatureExtractor(base, SCHEDULE, **kw)
+            x_t = SCHEDULE.add_noise(images, ref.noise(images.shape[1:], [0, 1])[:, 0], torch.full((2,), t))
+            direct = ref.forward_features(x_t, torch.full((2,), t + 7), torch.full((2,), 2))["input_blocks.1"]
+            assert rel_l2(got["input_blocks.1"][t], direct) <= 1e-6, (type(model).__name__, t)
+            assert rel_l2(got["input_blocks.1"][t], shifted["input_blocks.1"][t + 7]) > 1e-4
+
+
+def test_denoiser_features_export_with_the_model_call(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    den = loaded_latent_uvit()
+    fx = FeatureExtractor(den, layers=["mid_block"], timesteps=[30, 400], y=3, seed=2)
+    path = fx.to_onnx(tmp_path / "fx.onnx", example_batch=2)
+    images = torch.randn(3, *den.sample_shape, generator=torch.Generator().manual_seed(1))
+    feeds = {"images": images.numpy(), "noise": fx.noise(images.shape[1:], [2, 3, 4])[:, None].numpy(),
+             "y": np.full((3,), 3, dtype=np.int64)}
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    ref = fx(images)
+    for k, t in enumerate(fx.timesteps):
+        # ~1e-7 seen; t and t + 1 differ by ~5e-5 here, so the graph must hold the offset
+        assert rel_l2(torch.from_numpy(out[:, k]), ref["mid_block"][t]) <= 2e-6

@@ -541,25 +541,30 @@ def to_onnx(model_or_denoiser, path, example_batch: int = 2, dynamic_batch: bool
                    attention=attention, external_data=external_data)
 
 
-def _step_table(denoiser, sampler, steps: int, sampler_options: dict):
+def _step_table(denoiser, sampler, steps: int, sampler_options: dict, shape: Sequence[int]):
+    """The table of ``sampler`` for ``denoiser`` at ``steps`` (its ring size and learned range are what the
+    graph bakes in), laid out as the engine lays it out for a batch of ``shape``."""
     from fastdiff.samplers import SamplerTable, build_table
 
     if isinstance(sampler, SamplerTable):
         return sampler
     if not isinstance(sampler, str):
         raise ValueError(f"sampler must be a sampler name or a SamplerTable, got {type(sampler).__name__}")
-    sigmas, timesteps = denoiser.schedule.sigmas(steps)
-    return build_table(sampler, sigmas, timesteps=timesteps, **sampler_options)
+    sigmas, timesteps = denoiser.sigmas(steps, shape=shape)
+    return build_table(sampler, sigmas, schedule=denoiser.schedule, timesteps=timesteps, **sampler_options)
 
 
 def step_to_onnx(denoiser, sampler, path, *, guidance: Optional[bool] = None, y_null: Optional[int] = None,
                  example_batch: int = 2, dynamic_batch: bool = True, opset: int = DEFAULT_OPSET,
-                 steps: int = 10, sampler_options: Optional[dict] = None, frame: str = "sigma",
+                 steps: int = 10, sampler_options: Optional[dict] = None, frame: Optional[str] = None,
                  input_shape: Optional[Sequence[int]] = None, group_norm: str = "instance_norm",
                  attention: str = "matmul", external_data: Optional[bool] = None) -> str:
     """Export one sampling step (model + guidance + fused update) of ``sampler`` for ``denoiser``.
 
-    The graph: inputs ``x`` (N, C, ...) state in ``frame``; ``timestep`` () float32 model timestep;
+    The graph: inputs ``x`` (N, C, ...) state in ``frame`` (``"sigma"``, or the schedule's own frame:
+    ``"vp"``, ``"flow"``; None: the frame ``fastdiff.sample`` carries the state in,
+    :func:`fastdiff.samplers.state_frame`: ``"flow"`` for a flow schedule, whose run starts at sigma = inf,
+    else ``"sigma"``); ``timestep`` () float32 model timestep;
     ``c_in`` () model input scale; ``coef`` (11 + S,) float32 packed table row
     (:func:`fastdiff.samplers.to_device` ``.coef[r]``); ``history`` (S, N, C, ...) float32 ring;
     ``noise`` (N, C, ...) (zeros for rows without noise); ``y`` (N,) int64 labels (class-conditional
@@ -585,16 +590,23 @@ def step_to_onnx(denoiser, sampler, path, *, guidance: Optional[bool] = None, y_
     if denoiser.dynamic_threshold is not None:
         raise ValueError("dynamic thresholding needs a per-sample quantile: not supported in the step graph "
                          "(use clip_x0, or the PyTorch runtime)")
-    if frame not in ("sigma", "vp"):
-        raise ValueError(f"frame must be 'sigma' or 'vp', got {frame!r}")
+    from fastdiff.samplers import state_frame
+
+    own = getattr(denoiser.schedule, "frame", "vp")
+    frame = state_frame(denoiser.schedule) if frame is None else frame
+    if frame not in ("sigma", own):
+        raise ValueError(f"frame must be 'sigma' or the schedule's frame {own!r}, got {frame!r}")
     opset = _check_opset(opset)
     batch = _check_batch(example_batch)
     path = check_output_path(path, "path")  # a missing folder fails here, before the export's work
     model, _ = _split(denoiser)
     model = run_copy(model, eval=True)  # tracing runs in eval mode: a cached eval copy if yours is not
     options = dict(sampler_options or {})
-    table = _step_table(denoiser, sampler, steps, options)
     x, _, label_key, y = _example_inputs(model, batch, input_shape)
+    table = _step_table(denoiser, sampler, steps, options, tuple(x.shape))
+    if frame == "sigma" and math.isinf(float(table.sigma[0])):
+        raise ValueError(f"frame='sigma': a run of this schedule starts at sigma = inf, where the sigma-view "
+                         f"state is not finite; export with frame={own!r}")
     if y_null is None:
         y_null = default_y_null(model, denoiser)
     if guidance is None:
@@ -626,7 +638,7 @@ def step_to_onnx(denoiser, sampler, path, *, guidance: Optional[bool] = None, y_
     meta.update(kind="step", sampler=table.name, sampler_options=_jsonable(table.options or options),
                 num_slots=s, guided=bool(guidance), y_null=y_null, frame=frame,
                 learned_range=bool(table.learned_range), clip_x0=denoiser.clip_x0,
-                schedule=_schedule_metadata(denoiser.schedule))
+                schedule=_schedule_metadata(denoiser.schedule), patch_size=denoiser.patch_size)
     if not dynamic_batch:
         dyn = None
     return _export(module, tuple(args), {}, path, input_names=names, output_names=["x_next", "history_next"],
@@ -648,9 +660,9 @@ def _jsonable(options: dict) -> dict:
 
 
 def _schedule_metadata(schedule) -> Optional[dict]:
-    """Enough to rebuild the schedule from the graph alone (a VPSchedule's alphas_cumprod, an SDE's
-    parameters), else None."""
-    from fastdiff.schedules import VESDESchedule, VPSchedule, VPSDESchedule
+    """Enough to rebuild the schedule from the graph alone (a VPSchedule's alphas_cumprod, an SDE's or a flow
+    schedule's parameters), else None."""
+    from fastdiff.schedules import FlowSchedule, VESDESchedule, VPSchedule, VPSDESchedule
 
     if isinstance(schedule, VPSchedule):
         return {"type": "VPSchedule", "alphas_cumprod": [float(a) for a in schedule.alphas_cumprod]}
@@ -660,4 +672,8 @@ def _schedule_metadata(schedule) -> Optional[dict]:
     if isinstance(schedule, VESDESchedule):
         return {"type": "VESDESchedule", "sigma_min": schedule.sigma_min, "sigma_max": schedule.sigma_max,
                 "timestep": schedule.timestep}
+    if isinstance(schedule, FlowSchedule):
+        return {"type": "FlowSchedule", **{k: getattr(schedule, k) for k in (
+            "num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
+            "max_image_seq_len", "time_shift_type", "shift_terminal")}}
     return None

@@ -271,14 +271,11 @@ class OrtStep:
 
 
 def initial_state(schedule, sigma_max: float, noise: Tensor, frame: str = "sigma") -> Tensor:
-    """The loop's starting state from standard normal ``noise``: ``sqrt(1 + sigma_max^2) * noise`` in the
-    sigma view of a VP schedule (the state a VP sampler started from ``randn`` has), ``sigma_max * noise``
-    for VE; ``noise`` itself in the VP frame."""
-    if frame == "vp":
-        return noise
-    if getattr(schedule, "variance_preserving", True):
-        return noise * float(np.sqrt(1.0 + sigma_max * sigma_max))
-    return noise * float(sigma_max)
+    """The loop's starting state from standard normal ``noise``, as ``fastdiff.sample`` starts:
+    ``noise * schedule.initial_scale(sigma_max, frame)`` (``sqrt(1 + sigma_max^2) noise`` in the sigma view of
+    a VP schedule, ``sigma_max noise`` for VE, ``noise`` itself in a VP or flow model frame; a flow run from
+    sigma = inf needs the flow frame)."""
+    return noise * float(schedule.initial_scale(float(sigma_max), frame))
 
 
 def _schedule_from_metadata(meta: dict):
@@ -290,23 +287,29 @@ def _schedule_from_metadata(meta: dict):
         return None
     if sched.get("type") == "VPSchedule":
         return schedules.VPSchedule(alphas_cumprod=np.asarray(sched["alphas_cumprod"], dtype=np.float64))
-    if sched.get("type") in ("VPSDESchedule", "VESDESchedule"):
+    if sched.get("type") in ("VPSDESchedule", "VESDESchedule", "FlowSchedule"):
         return getattr(schedules, sched["type"])(**{k: v for k, v in sched.items() if k != "type"})
     return None
 
 
 class _MetaDenoiser:
-    """What to_device needs of a denoiser (x0 coefficients, schedule) rebuilt from a step graph's metadata."""
+    """What the loop needs of a denoiser (x0 coefficients, schedule, sampling sigmas for a shape, default
+    guidance) rebuilt from a step graph's metadata."""
 
     def __init__(self, meta: dict, schedule):
         from fastdiff.denoiser import Denoiser
 
         self._d = Denoiser(lambda *a, **k: None, schedule, prediction=meta.get("prediction", "eps"),
-                           learned_sigma=bool(meta.get("learned_sigma", False)))
+                           learned_sigma=bool(meta.get("learned_sigma", False)), patch_size=meta.get("patch_size"))
         self.schedule = schedule
+        self.y_null = meta.get("y_null") if meta.get("guided") else None  # guidance only in a guided graph
+        self.default_guidance_scale = float(meta.get("default_guidance_scale") or 1.0)
 
     def x0_coefficients(self, sigma):
         return self._d.x0_coefficients(sigma)
+
+    def sigmas(self, steps: int, spacing: Optional[str] = None, shape=None):
+        return self._d.sigmas(steps, spacing=spacing, shape=shape)
 
 
 def _label_rows(meta: dict) -> Optional[int]:
@@ -403,10 +406,11 @@ def _cached_step_session(path, providers, out_device: torch.device):
 
 
 def sample_onnxruntime(denoiser_or_path, shape: Sequence[int], sampler: str = "dpmpp_2m", steps: int = 20,
-                       guidance_scale: float = 1.0, y=None, seeds: Optional[Sequence[int]] = None,
+                       guidance_scale: Optional[float] = None, y=None, seeds: Optional[Sequence[int]] = None,
                        device=None, dtype=None, progress: bool = False, *,
                        providers: Optional[Sequence] = None, schedule=None, sigmas=None, timesteps=None,
-                       spacing: str = "karras", sampler_options: Optional[dict] = None, frame: str = "sigma",
+                       spacing: Optional[str] = None, sampler_options: Optional[dict] = None,
+                       frame: Optional[str] = None,
                        y_null: Optional[int] = None,
                        x_T: Optional[Tensor] = None, step_path=None, return_table: bool = False,
                        **kwargs) -> Tensor:
@@ -419,17 +423,22 @@ def sample_onnxruntime(denoiser_or_path, shape: Sequence[int], sampler: str = "d
             :func:`fastdiff.export.step_to_onnx`.
         shape: (N, C, ...) of the batch.
         sampler, steps, guidance_scale, y, seeds: as ``fastdiff.sample``; ``seeds`` one per sample (default
-            0..N-1); ``y`` (N,) labels or one int. ``guidance_scale != 1`` needs a guided graph.
+            0..N-1); ``y`` (N,) labels or one int. ``guidance_scale != 1`` needs a guided graph; None is the
+            denoiser's (or a guided graph's stored) ``default_guidance_scale`` when ``y`` is given, else 1.
         device: where the samples come back; a CUDA device runs the CUDA provider with IO binding (when
             onnxruntime-gpu sees a GPU), on a torch stream that ORT shares.
         dtype: accepted for ``fastdiff.sample``'s signature; the graph computes in float32.
         progress: a tqdm bar over the rows.
         providers: ONNX Runtime providers (default: :func:`default_providers`).
         schedule: the schedule, when a path is given and its metadata holds none (VPSchedule is stored).
-        sigmas, timesteps: explicit sampling sigmas (steps + 1,) and model timesteps, instead of
-            ``schedule.sigmas(steps, spacing=spacing)``.
+        spacing: the sigma spacing; None is the sampler's default, laid out as ``fastdiff.sample`` lays it
+            out (:func:`fastdiff.engine.default_spacing`; a dynamically shifted flow schedule takes its shift
+            from the token count of ``shape``).
+        sigmas, timesteps: explicit sampling sigmas (steps + 1,) and model timesteps, instead of ``spacing``.
         sampler_options: keyword options of the sampler builder (default: those stored in the graph).
-        frame: "sigma" or "vp", the frame of the state (must match the graph's).
+        frame: "sigma", "vp" or "flow", the frame of the state (must match the graph's). None: for a
+            Denoiser the frame ``fastdiff.sample`` uses (:func:`fastdiff.samplers.state_frame`: the flow
+            frame for a flow schedule, else the sigma view); for a path the graph's.
         y_null: the null label for guidance (default: the model's, see
             ``fastdiff.export.onnx.default_y_null``).
         x_T: the starting state (N, C, ...) instead of :func:`initial_state` from the seeds' first draw.
@@ -440,7 +449,9 @@ def sample_onnxruntime(denoiser_or_path, shape: Sequence[int], sampler: str = "d
     refused when given; any other keyword raises TypeError naming it (with the closest known name).
     """
     from fastdiff.denoiser import Denoiser
+    from fastdiff.engine_args import check_guidance, default_guidance
     from fastdiff.export.onnx import step_to_onnx
+    from fastdiff.samplers import state_frame
 
     _check_runtime_kwargs(kwargs)
 
@@ -448,9 +459,14 @@ def sample_onnxruntime(denoiser_or_path, shape: Sequence[int], sampler: str = "d
     if len(shape) < 2 or any(s < 0 for s in shape):
         raise ValueError(f"shape must be (N, C, ...) with non-negative sizes, got {shape}")
     out_device = torch.device(device) if device is not None else torch.device("cpu")
-    guided = float(guidance_scale) != 1.0
+    if guidance_scale is not None:
+        guidance_scale = check_guidance(guidance_scale)
     if isinstance(denoiser_or_path, Denoiser):
         denoiser = denoiser_or_path
+        if guidance_scale is None:
+            guidance_scale = default_guidance(denoiser, y is not None, y_null)
+        guided = guidance_scale != 1.0
+        frame = state_frame(denoiser.schedule) if frame is None else frame
         if step_path is not None:
             path = step_to_onnx(denoiser, sampler, step_path, guidance=guided, y_null=y_null,
                                 sampler_options=sampler_options, frame=frame, input_shape=shape[1:])
@@ -469,6 +485,9 @@ def sample_onnxruntime(denoiser_or_path, shape: Sequence[int], sampler: str = "d
         if schedule is None:
             raise ValueError("this step graph stores no schedule: pass schedule=")
         coef_source = _MetaDenoiser(meta, schedule)
+        if guidance_scale is None:
+            guidance_scale = default_guidance(coef_source, y is not None)
+        frame = meta.get("frame", "sigma") if frame is None else frame
     else:
         raise ValueError(f"denoiser_or_path must be a fastdiff Denoiser or a path to a step graph, got "
                          f"{type(denoiser_or_path).__name__}")
@@ -531,10 +550,12 @@ def _loop(step: OrtStep, coef_source, schedule, shape, sampler, steps, guidance_
     if in_shape and tuple(shape[1:]) != in_shape:
         raise ValueError(f"shape must be (N, {', '.join(map(str, in_shape))}) for this graph, got {shape}")
     _check_batch(meta, n, what="shape")
-    if sigmas is None:
-        sigmas, timesteps = schedule.sigmas(int(steps), spacing=spacing)
+    if sigmas is None:  # the layout fastdiff.sample's PyTorch runtime uses
+        from fastdiff.engine import _sampling_sigmas
+
+        sigmas, timesteps = _sampling_sigmas(coef_source, sampler, int(steps), spacing, shape)
     options = sampler_options if sampler_options is not None else dict(meta.get("sampler_options") or {})
-    table = build_table(sampler, sigmas, timesteps=timesteps, **options)
+    table = build_table(sampler, sigmas, schedule=schedule, timesteps=timesteps, **options)
     if table.num_slots != meta.get("num_slots"):
         raise ValueError(f"the table has {table.num_slots} history slots but the graph "
                          f"{meta.get('num_slots')}: pass the sampler_options the graph was exported with")
