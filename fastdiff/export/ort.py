@@ -187,7 +187,6 @@ class OrtDenoiser:
         self.in_channels = self.input_shape[0]
         self.batch = self.metadata.get("batch")
         self.dtype = getattr(torch, self.metadata.get("dtype", "float32"))  # the graph's input dtype
-        self.y_null = self.metadata.get("y_null")
         self.num_labels = _label_rows(self.metadata) if self.conditional else None
         self.training = False
 
