@@ -257,13 +257,136 @@ def test_layer_norm_modulate_non_contiguous():
 
 @pytest.mark.parametrize("backend", ["triton", "reference", "auto"])
 def test_empty_batch(backend):
-    x = torch.randn(0, 32, 4, 4)
-    out = ops.group_norm_modulate(x, 8, scale=torch.randn(0, 32), shift=torch.randn(0, 32), backend=backend,
-                                  pre_shift=torch.randn(0, 32))
+    """An empty batch returns an empty result, and its backward empty (or zero) gradients."""
+    x = torch.randn(0, 32, 4, 4, requires_grad=True)
+    w = torch.randn(32, requires_grad=True)
+    s, t, p = (torch.randn(0, 32, requires_grad=True) for _ in range(3))
+    out = ops.group_norm_modulate(x, 8, w, None, s, t, backend=backend, activation="silu", pre_shift=p)
     assert out.shape == x.shape
-    y = ops.layer_norm_modulate(torch.randn(0, 5, 16), scale=torch.randn(0, 16), shift=torch.randn(0, 16),
-                                backend=backend)
+    grads = torch.autograd.grad(out.sum(), (x, w, s, t, p))
+    assert [g.shape for g in grads] == [x.shape, w.shape, s.shape, t.shape, p.shape]
+    assert not grads[1].any()
+    tokens = torch.randn(0, 5, 16, requires_grad=True)
+    s, t = (torch.randn(0, 16, requires_grad=True) for _ in range(2))
+    y = ops.layer_norm_modulate(tokens, scale=s, shift=t, backend=backend)
     assert y.shape == (0, 5, 16)
+    assert [g.shape for g in torch.autograd.grad(y.sum(), (tokens, s, t))] == [tokens.shape, s.shape, t.shape]
+
+
+# |x| ~ 1e30 and beyond: the float32 squares overflow; the moments are taken scaled (never the finite
+# all-zero output of an overflowed variance). (label, magnitude, extra offset of one group)
+HUGE = [("1e30", 1e30, 0.0), ("1e36", 1e36, 0.0), ("1e20-offset-1e25", 1e20, 1e25), ("mixed-1e30-and-1", 1e30, None)]
+
+
+def make_huge(shape, magnitude, offset, seed=0):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * magnitude
+    if offset is None:  # an ordinary sample beside a huge one
+        x[0] /= magnitude
+    else:
+        x[:, : shape[1] // 2] += offset
+    return x
+
+
+@pytest.mark.parametrize("path", ["tile", "loop", "split", "reference", "native"])
+@pytest.mark.parametrize("case", HUGE, ids=[h[0] for h in HUGE])
+def test_group_norm_modulate_huge_inputs(case, path, monkeypatch):
+    _, magnitude, offset = case
+    if path in ("loop", "split"):
+        for name in ("MAX_TILE_FWD", "MAX_TILE_BWD", "LOOP_TILE"):
+            monkeypatch.setattr(mn, name, 64)
+        monkeypatch.setattr(mn, "MIN_SLABS_PER_SM", 0 if path == "loop" else 10**9)
+    backend = {"reference": "reference", "native": "auto"}.get(path, "triton")
+    device = "cpu" if backend != "triton" else KERNEL_DEVICE
+    x = make_huge((2, 8, 9, 7), magnitude, offset).to(device)
+    out = check_gn(x, 2, *make_params(2, 8, True, device, pre=True), "silu", backend, tol=1e-5, grad_tol=1e-5)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference", "auto"])
+@pytest.mark.parametrize("case", HUGE, ids=[h[0] for h in HUGE])
+def test_layer_norm_modulate_huge_inputs(case, backend):
+    _, magnitude, offset = case
+    device = KERNEL_DEVICE if backend == "triton" else "cpu"
+    x = make_huge((2, 6, 40), magnitude, offset).to(device).requires_grad_(True)
+    s, t = (torch.randn(2, 40, device=device, requires_grad=True) for _ in range(2))
+    out = ops.layer_norm_modulate(x, scale=s, shift=t, backend=backend)
+    leaves = [v.detach().double().requires_grad_(True) for v in (x, s, t)]
+    ref = ln_oracle(*leaves, None, None, 1e-6)
+    assert torch.isfinite(out).all() and rel_l2(out, ref) <= 1e-5
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    for got, want in zip(torch.autograd.grad(out, (x, s, t), grad), torch.autograd.grad(ref, leaves, grad.double()),
+                         strict=True):
+        assert rel_l2(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_float64_is_computed_in_float64(backend):
+    x = make_x((2, 96, 7, 5), "nchw", 1e4, "cpu", torch.float64)
+    # float32 statistics would be off by ~1e-7 at least; the oracle itself (unshifted float64) is good to ~1e-12
+    out = check_gn(x, 32, *make_params(2, 96, True, "cpu", torch.float64, pre=True), "silu", backend, tol=1e-10,
+                   grad_tol=1e-10)
+    assert out.dtype == torch.float64
+    tokens = torch.randn(2, 7, 33, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 1e4
+    assert rel_l2(ops.layer_norm_modulate(tokens, backend=backend), ln_oracle(tokens, None, None, None, None, 1e-6)) \
+        <= 1e-10
+
+
+def test_float64_on_triton_is_refused(monkeypatch):
+    launched = []
+    monkeypatch.setattr(mn, "group_norm_modulate_forward", lambda *a, **k: launched.append(a))
+    monkeypatch.setattr(mn, "layer_norm_modulate_forward", lambda *a, **k: launched.append(a))
+    with pytest.raises(ValueError, match="float64"):
+        ops.group_norm_modulate(torch.randn(2, 8, 3, 3, dtype=torch.float64), 2, backend="triton")
+    with ops.backend("triton"), pytest.raises(ValueError, match="float64"):
+        ops.layer_norm_modulate(torch.randn(2, 3, 8, dtype=torch.float64))
+    assert not launched
+    with pytest.raises(ValueError, match="float64"):  # the launcher itself refuses too
+        mn._check_dtype(torch.empty(1, dtype=torch.float64))
+
+
+BAD_EPS = [0.0, -1e-5, float("nan"), float("inf"), True, "1e-5", None]
+
+
+@pytest.mark.parametrize("eps", BAD_EPS, ids=repr)
+def test_bad_eps(eps):
+    with pytest.raises(ValueError, match="eps"):
+        ops.group_norm_modulate(torch.randn(2, 8, 3, 3), 2, eps=eps)
+    with pytest.raises(ValueError, match="eps"):
+        ops.layer_norm_modulate(torch.randn(2, 3, 8), eps=eps)
+
+
+def test_int64_offsets_where_a_sample_passes_2_31():
+    """The launcher's arithmetic: int64 tile bases once a sample (as (C, S) or (L, D) with its strides)
+    spans 2**31 elements, int32 below; a single tile that spans 2**31 is refused."""
+    c, s = 256, 4096 * 4096  # C=256 at 4096x4096: 2**32 elements per sample
+    assert mn._wide((c, s), (16, 256), (s, 1))  # NCHW
+    assert mn._wide((c, s), (16, 256), (1, c))  # channels_last
+    # the boundary: 2**31 elements end at offset 2**31 - 1, which int32 still holds
+    assert not mn._wide((128, s), (16, 256), (s, 1)) and mn._wide((128, s + 1), (16, 256), (s + 1, 1))
+    # any one tensor decides: a dense (256, 2**23) sample ends at 2**31 - 1, a channel-strided view past it
+    assert not mn._wide((c, s // 2), (16, 256), (s // 2, 1)) and mn._wide((c, s // 2), (16, 256), (s // 2, 1), (s, 1))
+    assert mn._wide((1_048_577, 2048), (16, 2048), (2048, 1))  # LayerNorm (L, D) rows
+    with pytest.raises(ValueError, match="tile"):
+        mn._wide((32, 2**28), (16, 256), (2**28, 1))  # 16 channels of 2**28 positions in one tile
+
+
+@pytest.mark.parametrize("path", ["tile", "loop", "split"])
+def test_wide_offsets_in_the_kernels(path, monkeypatch):
+    """The kernels' WIDE addressing (int64 tile base, int32 inside the tile), forced on small tensors:
+    forward and gradients, channels_last with a pre_shift and NCHW, and the LayerNorm kernels."""
+    monkeypatch.setattr(mn, "_wide", lambda *args: True)
+    if path != "tile":
+        for name in ("MAX_TILE_FWD", "MAX_TILE_BWD", "LOOP_TILE"):
+            monkeypatch.setattr(mn, name, 64)
+        monkeypatch.setattr(mn, "MIN_SLABS_PER_SM", 0 if path == "loop" else 10**9)
+    for layout, pre in (("channels_last", True), ("nchw", False)):
+        x = make_x((1, 8, 9, 7), layout, 0.0, KERNEL_DEVICE)
+        check_gn(x, 2, *make_params(1, 8, True, KERNEL_DEVICE, pre=pre), "silu", "triton", tol=1e-5,
+                 grad_tol=1e-5)
+    x = torch.randn(2, 9, 33, device=KERNEL_DEVICE, requires_grad=True)
+    out = ops.layer_norm_modulate(x, backend="triton")
+    ref = ln_oracle(x.detach().double().requires_grad_(True), None, None, None, None, 1e-6)
+    assert rel_l2(out, ref) <= 1e-5
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference", "auto"])
