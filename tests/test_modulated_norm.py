@@ -499,6 +499,158 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(got, want)
 
 
+# ---------------------------------------------------------------------------------------------
+# the CPU paths: eager (ATen or per-channel sums) and what torch.compile sees (plain aten ops)
+# ---------------------------------------------------------------------------------------------
+
+# (label, shape, groups, dtype, layout, path the eager native path must take)
+NATIVE_PATHS = [
+    ("bf16-cl-8-per-group", (3, 64, 6, 5), 8, torch.bfloat16, "channels_last", "channel_sums"),
+    ("fp16-cl-12-per-group", (2, 96, 4, 4), 8, torch.float16, "channels_last", "channel_sums"),
+    ("bf16-cl-16-per-group", (2, 64, 6, 5), 4, torch.bfloat16, "channels_last", "aten"),
+    ("bf16-cl-32x32", (1, 32, 32, 32), 8, torch.bfloat16, "channels_last", "aten"),
+    ("bf16-nchw", (2, 64, 6, 5), 8, torch.bfloat16, "nchw", "aten"),
+    ("f32-cl", (2, 64, 6, 5), 8, torch.float32, "channels_last", "aten"),
+]
+
+
+@pytest.mark.parametrize("pre", [False, True], ids=["adagn", "pre-shift"])
+@pytest.mark.parametrize("case", NATIVE_PATHS, ids=[c[0] for c in NATIVE_PATHS])
+def test_native_path_choice(case, pre, monkeypatch):
+    """Each branch of the eager CPU path, with the modulation and pre_shift folded in, against the float64
+    oracle at the tolerance of its dtype; a half-precision channels_last input whose groups are not a
+    multiple of 16 channels wide and that has fewer than 1024 positions takes the per-channel sums."""
+    from fastdiff.ops import norm_cpu
+
+    _, shape, groups, dtype, layout, path = case
+    taken = []
+    real = norm_cpu._gn_channel_sums
+    monkeypatch.setattr(norm_cpu, "_gn_channel_sums", lambda *a: taken.append(1) or real(*a))
+    tol = {torch.float32: 1e-6, torch.float16: 3e-3, torch.bfloat16: 2.4e-2}[dtype]
+    x = make_x(shape, layout, 0.0, "cpu", dtype)
+    weight, bias, scale, shift, pre_shift = make_params(shape[0], shape[1], True, "cpu", dtype, pre=pre)
+    out = check_gn(x, groups, weight.float(), bias.float(), scale, shift, pre_shift, "silu", "auto", tol=tol,
+                   grad_tol=4 * tol)
+    assert bool(taken) == (path == "channel_sums")
+    assert out.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+
+
+@pytest.mark.parametrize("case", [("offset-1e3", 1.0, 1e3), ("huge-1e30", 1e30, 0.0), ("nan", 1.0, float("nan"))],
+                         ids=lambda c: c[0])
+def test_channel_sums_fall_back_to_the_reference(case):
+    """Where the per-channel sums cannot be trusted (a group's |mean| / std past 16, squares past float32,
+    a NaN) the eager path gives the reference's result: correct, NaN kept to its group."""
+    _, magnitude, offset = case
+    x = torch.randn(2, 64, 6, 5, generator=torch.Generator().manual_seed(0)) * magnitude
+    x[0, :8] += offset  # one group of one sample
+    x = x.to(torch.bfloat16, memory_format=torch.channels_last)
+    out = ops.group_norm_modulate(x, 8, activation="silu", backend="auto")
+    ref = ops.group_norm_modulate(x, 8, activation="silu", backend="reference")
+    if offset != offset:  # NaN: only its group is NaN
+        assert torch.isnan(out[0, :8]).all() and torch.isfinite(out[0, 8:]).all() and torch.isfinite(out[1]).all()
+        out, ref = out[1], ref[1]
+    assert torch.equal(out, ref)
+
+
+class _GraphCapture:
+    """A torch.compile backend that records the FX graph it gets, then runs it as is."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return gm.forward
+
+    def targets(self) -> str:
+        return " ".join(str(node.target) for gm in self.graphs for node in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("case", [
+    ("cl-pre-shift-adagn", (2, 64, 6, 5), 8, "channels_last", 0.0, True),
+    ("nchw-offset-1e4", (2, 96, 7, 5), 32, "nchw", 1e4, False),
+    ("3d-spatial", (2, 32, 3, 4, 5), 8, "nchw", 0.0, True),
+    ("1d-spatial", (2, 48, 11), 16, "nchw", 0.0, False),
+], ids=lambda c: c[0])
+def test_compiled_on_cpu_sees_plain_aten_ops(case):
+    """Under torch.compile on CPU tensors (auto backend) the op is written out in aten ops, so the compiler
+    can fuse it: no fastdiff op in the graph; forward and gradients match the float64 oracle."""
+    _, shape, groups, layout, offset, pre = case
+    capture = _GraphCapture()
+    x = make_x(shape, layout, offset, "cpu")
+    params = make_params(shape[0], shape[1], True, "cpu", pre=pre)
+    inputs = dict(x=x, weight=params[0], bias=params[1], scale=params[2], shift=params[3], pre_shift=params[4])
+    leaves = {k: v.requires_grad_(True) for k, v in inputs.items() if v is not None}
+
+    def f(x, weight, bias, scale, shift, pre_shift):
+        return ops.group_norm_modulate(x, groups, weight, bias, scale, shift, activation="silu", pre_shift=pre_shift)
+
+    out = torch.compile(f, backend=capture, fullgraph=True)(**inputs)
+    assert "fastdiff" not in capture.targets()
+    ref_leaves = {k: v.detach().double().requires_grad_(True) for k, v in leaves.items()}
+    ref = gn_oracle(ref_leaves["x"], groups, ref_leaves["weight"], ref_leaves["bias"], ref_leaves["scale"],
+                    ref_leaves["shift"], 1e-5, "silu", ref_leaves.get("pre_shift"))
+    assert rel_l2(out, ref) <= 1e-6
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    for name, g_got, g_want in zip(leaves, torch.autograd.grad(out, list(leaves.values()), grad),
+                                   torch.autograd.grad(ref, list(ref_leaves.values()), grad.double()), strict=True):
+        assert rel_l2(g_got, g_want) <= 1e-5, name
+
+
+def test_compiled_huge_inputs_and_layer_norm():
+    """The compiled form's float64 statistics: |x| ~ 1e30 normalises correctly (no overflow to a finite
+    all-bias output); the LayerNorm op is written out too."""
+    capture = _GraphCapture()
+    x = torch.randn(2, 16, 5, 5, generator=torch.Generator().manual_seed(0)) * 1e30
+    tokens = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(1)) * 1e30
+    s, t = torch.randn(2, 16), torch.randn(2, 16)
+
+    def f(x, tokens, s, t):
+        return ops.group_norm_modulate(x, 4, scale=s, shift=t), ops.layer_norm_modulate(tokens, scale=s, shift=t)
+
+    gn_out, ln_out = torch.compile(f, backend=capture, fullgraph=True)(x, tokens, s, t)
+    assert "fastdiff" not in capture.targets()
+    assert rel_l2(gn_out, gn_oracle(x.double(), 4, None, None, s, t, 1e-5, None)) <= 1e-6
+    assert rel_l2(ln_out, ln_oracle(tokens.double(), s, t, None, None, 1e-6)) <= 1e-6
+
+
+def test_compile_keeps_the_op_off_auto_and_in_export():
+    """backend='reference' under torch.compile, and torch.export (the ONNX path), keep the custom op."""
+    capture = _GraphCapture()
+    x = torch.randn(2, 8, 3, 3)
+    torch.compile(lambda x: ops.group_norm_modulate(x, 2, backend="reference"), backend=capture, fullgraph=True)(x)
+    assert "fastdiff.group_norm_modulate" in capture.targets()
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return ops.group_norm_modulate(x, 2, activation="silu")
+
+    exported = torch.export.export(M(), (x,))
+    assert "fastdiff.group_norm_modulate" in " ".join(str(n.target) for n in exported.graph.nodes)
+
+
+def test_inductor_compiles_the_cpu_form():
+    """One real inductor build of the written-out ops (channels_last bf16 with a pre_shift, and float32
+    NCHW AdaGN): results at the oracle's tolerance for the dtype, layout kept."""
+    x = make_x((2, 64, 6, 5), "channels_last", 0.0, "cpu", torch.bfloat16)
+    _, _, _, _, p = make_params(2, 64, False, "cpu", torch.bfloat16, pre=True)
+    y = make_x((2, 32, 5, 4), "nchw", 0.0, "cpu")
+    w, b, s, t, _ = make_params(2, 32, True, "cpu")
+
+    def f(x, p, y, w, b, s, t):
+        return (ops.group_norm_modulate(x, 8, activation="silu", pre_shift=p),
+                ops.group_norm_modulate(y, 8, w, b, s, t, activation="silu"))
+
+    with torch.no_grad():
+        out_x, out_y = torch.compile(f, fullgraph=True)(x, p, y, w, b, s, t)
+    assert out_x.dtype == torch.bfloat16 and out_x.is_contiguous(memory_format=torch.channels_last)
+    assert rel_l2(out_x, gn_oracle(x.double(), 8, None, None, None, None, 1e-5, "silu", p.double())) <= 1.6e-2
+    assert rel_l2(out_y, gn_oracle(y.double(), 8, w.double(), b.double(), s.double(), t.double(), 1e-5,
+                                   "silu")) <= 1e-6
+
+
 def test_modules_load_plain_norm_state_dicts():
     """The modules keep nn.GroupNorm / nn.LayerNorm keys and match them without modulation."""
     from fastdiff.nn import GroupNormModulate, LayerNormModulate

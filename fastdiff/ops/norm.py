@@ -11,6 +11,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fastdiff.ops.norm_cpu import (
+    compile_decomposes,
+    group_norm_modulate_decomposed,
+    group_norm_modulate_native,
+    layer_norm_modulate_decomposed,
+    layer_norm_modulate_native,
+)
 from fastdiff.ops.routing import (
     ACTIVATIONS,
     _check_backend,
@@ -121,83 +128,6 @@ def group_norm_modulate_reference(x, num_groups, weight=None, bias=None, scale=N
     out = torch.empty_like(x)
     out.copy_(z.reshape(x.shape))
     return out
-
-
-def _modulate_inplace(y: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], activation=None) -> Tensor:
-    """``act(y * (1 + scale) + shift)`` written into y; scale/shift already shaped to broadcast over y."""
-    if scale is not None and shift is not None:
-        torch.addcmul(shift, y, 1 + scale, out=y)
-    elif scale is not None:
-        y.mul_(1 + scale)
-    elif shift is not None:
-        y.add_(shift)
-    if activation == "silu":
-        torch.nn.functional.silu(y, inplace=True)
-    return y
-
-
-# ATen accumulates a float32 input's moments in float32, so its output error grows with the offset of a
-# group, about 5e-8 * |mean| / std: where that ratio passes this limit (error 1e-6), the native paths
-# recompute on pivot-shifted data (see _gn_normalize). Measured: 9e-7 at 16, 5e-4 at 1e4.
-_NATIVE_OFFSET_LIMIT = 16.0
-
-
-def _dense(x: Tensor) -> Tensor:
-    """x itself when it is contiguous as NCHW or channels_last (what ATen's GroupNorm reads), else a copy.
-
-    A channels_last tensor must also have the canonical strides: with N = 1 a slice can pass
-    ``is_contiguous(memory_format=...)`` while ATen's stride-based format guess calls it neither format.
-    """
-    if x.is_contiguous():
-        return x
-    if x.dim() in (4, 5):
-        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-        if x.is_contiguous(memory_format=fmt):
-            c, spatial = x.shape[1], x.shape[2:]
-            inner = [c * math.prod(spatial[i + 1:]) for i in range(len(spatial))]  # NHWC: W*C, C
-            canonical = (c * math.prod(spatial), 1, *inner)
-            return x if x.stride() == canonical else x.clone(memory_format=fmt)
-    return x.contiguous()
-
-
-def _native_moments_unusable(x: Tensor, mean: Tensor, rstd: Tensor) -> tuple[bool, bool]:
-    """(not finite, offset) for ATen's moments, read in one host sync: ``not finite`` where some rstd is
-    NaN or 0 (the float32 squares overflowed, |x| past ~1e19, or the input holds a NaN), ``offset``
-    where a float32 group's |mean| / std passes _NATIVE_OFFSET_LIMIT."""
-    nonfinite = (~torch.isfinite(rstd) | (rstd == 0)).any()
-    if x.dtype != torch.float32:
-        return bool(nonfinite), False
-    flags = torch.stack([nonfinite, (mean.abs() * rstd > _NATIVE_OFFSET_LIMIT).any()]).tolist()
-    return flags[0], flags[1]
-
-
-def group_norm_modulate_native(x, num_groups, weight=None, bias=None, scale=None, shift=None, eps=1e-5,
-                               activation=None, pre_shift=None):
-    """The ``auto`` path off CUDA: ATen's GroupNorm (Welford moments, float32 for half types, NCHW or
-    channels_last), then the modulation and activation in place on its output.
-
-    Two passes over x instead of the reference's six; the modulation runs in x's dtype, as in ADM's
-    own ``out_norm(h) * (1 + scale) + shift``. A pre_shift is added in x's dtype first (one more pass, as
-    diffusers' ``norm2(h + temb)``). A float32 group whose mean is far from zero relative to its spread
-    is recomputed on shifted data (``_NATIVE_OFFSET_LIMIT``); where ATen's moments are not finite (squares
-    past float32's range, or a NaN in the input) the call is the reference's (scaled moments, NaN kept
-    to its group).
-    """
-    n, c = x.shape[:2]
-    bcast = (slice(None), slice(None)) + (None,) * (x.dim() - 2)
-    x = _dense(x)
-    u = x if pre_shift is None else _dense(x + pre_shift[bcast])
-    y, mean, rstd = torch.ops.aten.native_group_norm(u, weight, bias, n, c, x.numel() // (n * c), num_groups,
-                                                     eps)
-    nonfinite, offset = _native_moments_unusable(u, mean, rstd)
-    if nonfinite or (offset and pre_shift is not None):  # (x + pre_shift was rounded as a whole)
-        return group_norm_modulate_reference(x, num_groups, weight, bias, scale, shift, eps, activation, pre_shift)
-    if offset:
-        pivot = x[(slice(None), slice(None, None, c // num_groups)) + (0,) * (x.dim() - 2)]  # (N, G)
-        y = torch.nn.functional.group_norm(x - pivot.repeat_interleave(c // num_groups, dim=1)[bcast],
-                                           num_groups, weight, bias, eps)
-    return _modulate_inplace(y, None if scale is None else scale[bcast], None if shift is None else shift[bcast],
-                             activation)
 
 
 def group_norm_modulate_backward_reference(grad, x, num_groups, weight, bias, scale, shift, eps,
@@ -345,6 +275,8 @@ def group_norm_modulate(x: Tensor, num_groups: int, weight: Optional[Tensor] = N
     if backend is not None:
         _check_backend(backend)
     _check_triton_dtype(x, backend)
+    if compile_decomposes(x, backend):  # torch.compile on the CPU: aten ops that inductor fuses
+        return group_norm_modulate_decomposed(x, num_groups, weight, bias, scale, shift, eps, activation, pre_shift)
     return _group_norm_modulate_op(x, num_groups, weight, bias, scale, shift, pre_shift, eps, activation, backend)
 
 
@@ -382,20 +314,6 @@ def layer_norm_modulate_reference(x, scale=None, shift=None, weight=None, bias=N
     out = torch.empty_like(x)
     out.copy_(z)
     return out
-
-
-def layer_norm_modulate_native(x, scale=None, shift=None, weight=None, bias=None, eps=1e-6):
-    """The ``auto`` path off CUDA: ATen's LayerNorm and the modulation in place on its output (a float32
-    row far from zero mean is recomputed shifted by its first feature, non-finite moments go to the
-    reference, as in group_norm_modulate_native)."""
-    y, mean, rstd = torch.ops.aten.native_layer_norm(x, x.shape[-1:], weight, bias, eps)
-    nonfinite, offset = _native_moments_unusable(x, mean, rstd)
-    if nonfinite:
-        return layer_norm_modulate_reference(x, scale, shift, weight, bias, eps)
-    if offset:
-        y = torch.nn.functional.layer_norm(x - x[..., :1], x.shape[-1:], weight, bias, eps)
-    return _modulate_inplace(y, None if scale is None else scale[:, None, :],
-                             None if shift is None else shift[:, None, :])
 
 
 def layer_norm_modulate_backward_reference(grad, x, scale, shift, weight, bias, eps):
@@ -504,4 +422,6 @@ def layer_norm_modulate(x: Tensor, *, scale: Optional[Tensor] = None, shift: Opt
     if backend is not None:
         _check_backend(backend)
     _check_triton_dtype(x, backend)
+    if compile_decomposes(x, backend):
+        return layer_norm_modulate_decomposed(x, scale, shift, weight, bias, eps)
     return _layer_norm_modulate_op(x, scale, shift, weight, bias, eps, backend)
