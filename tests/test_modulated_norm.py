@@ -552,6 +552,24 @@ def test_channel_sums_fall_back_to_the_reference(case):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("path", ["channel-sums", "aten-nchw-fold", "reference", "triton"])
+def test_strided_per_sample_parameters(path):
+    """scale/shift/pre_shift as views (a transposed (C, N) tensor, one chunk of an (N, 2C) projection, as
+    diffusers' time embedding is split) on every path."""
+    dtype = torch.bfloat16 if path == "channel-sums" else torch.float32
+    layout = "channels_last" if path == "channel-sums" else "nchw"
+    backend = {"channel-sums": "auto", "aten-nchw-fold": "auto"}.get(path, path)
+    device = KERNEL_DEVICE if path == "triton" else "cpu"
+    x = make_x((2, 64, 6, 5), layout, 0.0, device, dtype)
+    g = torch.Generator().manual_seed(3)
+    scale = torch.randn(64, 2, generator=g).to(device, dtype).t()
+    shift, pre_shift = torch.randn(2, 128, generator=g).to(device, dtype).chunk(2, dim=1)
+    out = ops.group_norm_modulate(x, 8, None, None, scale, shift, activation="silu", backend=backend,
+                                  pre_shift=pre_shift)
+    ref = gn_oracle(x.double(), 8, None, None, scale.double(), shift.double(), 1e-5, "silu", pre_shift.double())
+    assert rel_l2(out, ref) <= (2.4e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
 class _GraphCapture:
     """A torch.compile backend that records the FX graph it gets, then runs it as is."""
 

@@ -129,16 +129,16 @@ def _gn_channel_sums(x, num_groups, weight, bias, scale, shift, eps, activation,
     if not bool((mean.abs() < _NATIVE_OFFSET_LIMIT * rstd).all()):  # (False for NaN and for rstd = 0)
         return None
     mean, rstd = mean[:, :, None], rstd[:, :, None]  # z = x * alpha + beta, both (N, G, C/G)
-    alpha = rstd.expand(n, g, cg) if weight is None else rstd * weight.view(g, cg)
-    centre = mean if pre_shift is None else pre_shift.view(n, g, cg) - mean
+    alpha = rstd.expand(n, g, cg) if weight is None else rstd * weight.reshape(g, cg)
+    centre = mean if pre_shift is None else pre_shift.reshape(n, g, cg) - mean
     beta = (-centre if pre_shift is None else centre) * alpha
     if bias is not None:
-        beta = beta + bias.view(g, cg)
+        beta = beta + bias.reshape(g, cg)
     if scale is not None:
-        one_plus = 1 + scale.view(n, g, cg)
+        one_plus = 1 + scale.reshape(n, g, cg)
         alpha, beta = alpha * one_plus, beta * one_plus
     if shift is not None:
-        beta = beta + shift.view(n, g, cg)
+        beta = beta + shift.reshape(n, g, cg)
     torch.addcmul(beta.reshape(n, c, 1, 1), xf, alpha.reshape(n, c, 1, 1), out=xf)
     if activation == "silu":
         F.silu(xf, inplace=True)
