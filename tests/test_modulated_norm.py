@@ -264,13 +264,136 @@ def test_layer_norm_modulate_non_contiguous():
 
 @pytest.mark.parametrize("backend", [TRITON_ON_CPU, "reference", "auto"])
 def test_empty_batch(backend):
-    x = torch.randn(0, 32, 4, 4)
-    out = ops.group_norm_modulate(x, 8, scale=torch.randn(0, 32), shift=torch.randn(0, 32), backend=backend,
-                                  pre_shift=torch.randn(0, 32))
+    """An empty batch returns an empty result, and its backward empty (or zero) gradients."""
+    x = torch.randn(0, 32, 4, 4, requires_grad=True)
+    w = torch.randn(32, requires_grad=True)
+    s, t, p = (torch.randn(0, 32, requires_grad=True) for _ in range(3))
+    out = ops.group_norm_modulate(x, 8, w, None, s, t, backend=backend, activation="silu", pre_shift=p)
     assert out.shape == x.shape
-    y = ops.layer_norm_modulate(torch.randn(0, 5, 16), scale=torch.randn(0, 16), shift=torch.randn(0, 16),
-                                backend=backend)
+    grads = torch.autograd.grad(out.sum(), (x, w, s, t, p))
+    assert [g.shape for g in grads] == [x.shape, w.shape, s.shape, t.shape, p.shape]
+    assert not grads[1].any()
+    tokens = torch.randn(0, 5, 16, requires_grad=True)
+    s, t = (torch.randn(0, 16, requires_grad=True) for _ in range(2))
+    y = ops.layer_norm_modulate(tokens, scale=s, shift=t, backend=backend)
     assert y.shape == (0, 5, 16)
+    assert [g.shape for g in torch.autograd.grad(y.sum(), (tokens, s, t))] == [tokens.shape, s.shape, t.shape]
+
+
+# |x| ~ 1e30 and beyond: the float32 squares overflow; the moments are taken scaled (never the finite
+# all-zero output of an overflowed variance). (label, magnitude, extra offset of one group)
+HUGE = [("1e30", 1e30, 0.0), ("1e36", 1e36, 0.0), ("1e20-offset-1e25", 1e20, 1e25), ("mixed-1e30-and-1", 1e30, None)]
+
+
+def make_huge(shape, magnitude, offset, seed=0):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * magnitude
+    if offset is None:  # an ordinary sample beside a huge one
+        x[0] /= magnitude
+    else:
+        x[:, : shape[1] // 2] += offset
+    return x
+
+
+@pytest.mark.parametrize("path", ["tile", "loop", "split", "reference", "native"])
+@pytest.mark.parametrize("case", HUGE, ids=[h[0] for h in HUGE])
+def test_group_norm_modulate_huge_inputs(case, path, monkeypatch):
+    _, magnitude, offset = case
+    if path in ("loop", "split"):
+        for name in ("MAX_TILE_FWD", "MAX_TILE_BWD", "LOOP_TILE"):
+            monkeypatch.setattr(mn, name, 64)
+        monkeypatch.setattr(mn, "MIN_SLABS_PER_SM", 0 if path == "loop" else 10**9)
+    backend = {"reference": "reference", "native": "auto"}.get(path, "triton")
+    device = "cpu" if backend != "triton" else KERNEL_DEVICE
+    x = make_huge((2, 8, 9, 7), magnitude, offset).to(device)
+    out = check_gn(x, 2, *make_params(2, 8, True, device, pre=True), "silu", backend, tol=1e-5, grad_tol=1e-5)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference", "auto"])
+@pytest.mark.parametrize("case", HUGE, ids=[h[0] for h in HUGE])
+def test_layer_norm_modulate_huge_inputs(case, backend):
+    _, magnitude, offset = case
+    device = KERNEL_DEVICE if backend == "triton" else "cpu"
+    x = make_huge((2, 6, 40), magnitude, offset).to(device).requires_grad_(True)
+    s, t = (torch.randn(2, 40, device=device, requires_grad=True) for _ in range(2))
+    out = ops.layer_norm_modulate(x, scale=s, shift=t, backend=backend)
+    leaves = [v.detach().double().requires_grad_(True) for v in (x, s, t)]
+    ref = ln_oracle(*leaves, None, None, 1e-6)
+    assert torch.isfinite(out).all() and rel_l2(out, ref) <= 1e-5
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    for got, want in zip(torch.autograd.grad(out, (x, s, t), grad), torch.autograd.grad(ref, leaves, grad.double()),
+                         strict=True):
+        assert rel_l2(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_float64_is_computed_in_float64(backend):
+    x = make_x((2, 96, 7, 5), "nchw", 1e4, "cpu", torch.float64)
+    # float32 statistics would be off by ~1e-7 at least; the oracle itself (unshifted float64) is good to ~1e-12
+    out = check_gn(x, 32, *make_params(2, 96, True, "cpu", torch.float64, pre=True), "silu", backend, tol=1e-10,
+                   grad_tol=1e-10)
+    assert out.dtype == torch.float64
+    tokens = torch.randn(2, 7, 33, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 1e4
+    assert rel_l2(ops.layer_norm_modulate(tokens, backend=backend), ln_oracle(tokens, None, None, None, None, 1e-6)) \
+        <= 1e-10
+
+
+def test_float64_on_triton_is_refused(monkeypatch):
+    launched = []
+    monkeypatch.setattr(mn, "group_norm_modulate_forward", lambda *a, **k: launched.append(a))
+    monkeypatch.setattr(mn, "layer_norm_modulate_forward", lambda *a, **k: launched.append(a))
+    with pytest.raises(ValueError, match="float64"):
+        ops.group_norm_modulate(torch.randn(2, 8, 3, 3, dtype=torch.float64), 2, backend="triton")
+    with ops.backend("triton"), pytest.raises(ValueError, match="float64"):
+        ops.layer_norm_modulate(torch.randn(2, 3, 8, dtype=torch.float64))
+    assert not launched
+    with pytest.raises(ValueError, match="float64"):  # the launcher itself refuses too
+        mn._check_dtype(torch.empty(1, dtype=torch.float64))
+
+
+BAD_EPS = [0.0, -1e-5, float("nan"), float("inf"), True, "1e-5", None]
+
+
+@pytest.mark.parametrize("eps", BAD_EPS, ids=repr)
+def test_bad_eps(eps):
+    with pytest.raises(ValueError, match="eps"):
+        ops.group_norm_modulate(torch.randn(2, 8, 3, 3), 2, eps=eps)
+    with pytest.raises(ValueError, match="eps"):
+        ops.layer_norm_modulate(torch.randn(2, 3, 8), eps=eps)
+
+
+def test_int64_offsets_where_a_sample_passes_2_31():
+    """The launcher's arithmetic: int64 tile bases once a sample (as (C, S) or (L, D) with its strides)
+    spans 2**31 elements, int32 below; a single tile that spans 2**31 is refused."""
+    c, s = 256, 4096 * 4096  # C=256 at 4096x4096: 2**32 elements per sample
+    assert mn._wide((c, s), (16, 256), (s, 1))  # NCHW
+    assert mn._wide((c, s), (16, 256), (1, c))  # channels_last
+    # the boundary: 2**31 elements end at offset 2**31 - 1, which int32 still holds
+    assert not mn._wide((128, s), (16, 256), (s, 1)) and mn._wide((128, s + 1), (16, 256), (s + 1, 1))
+    # any one tensor decides: a dense (256, 2**23) sample ends at 2**31 - 1, a channel-strided view past it
+    assert not mn._wide((c, s // 2), (16, 256), (s // 2, 1)) and mn._wide((c, s // 2), (16, 256), (s // 2, 1), (s, 1))
+    assert mn._wide((1_048_577, 2048), (16, 2048), (2048, 1))  # LayerNorm (L, D) rows
+    with pytest.raises(ValueError, match="tile"):
+        mn._wide((32, 2**28), (16, 256), (2**28, 1))  # 16 channels of 2**28 positions in one tile
+
+
+@pytest.mark.parametrize("path", ["tile", "loop", "split"])
+def test_wide_offsets_in_the_kernels(path, monkeypatch):
+    """The kernels' WIDE addressing (int64 tile base, int32 inside the tile), forced on small tensors:
+    forward and gradients, channels_last with a pre_shift and NCHW, and the LayerNorm kernels."""
+    monkeypatch.setattr(mn, "_wide", lambda *args: True)
+    if path != "tile":
+        for name in ("MAX_TILE_FWD", "MAX_TILE_BWD", "LOOP_TILE"):
+            monkeypatch.setattr(mn, name, 64)
+        monkeypatch.setattr(mn, "MIN_SLABS_PER_SM", 0 if path == "loop" else 10**9)
+    for layout, pre in (("channels_last", True), ("nchw", False)):
+        x = make_x((1, 8, 9, 7), layout, 0.0, KERNEL_DEVICE)
+        check_gn(x, 2, *make_params(1, 8, True, KERNEL_DEVICE, pre=pre), "silu", "triton", tol=1e-5,
+                 grad_tol=1e-5)
+    x = torch.randn(2, 9, 33, device=KERNEL_DEVICE, requires_grad=True)
+    out = ops.layer_norm_modulate(x, backend="triton")
+    ref = ln_oracle(x.detach().double().requires_grad_(True), None, None, None, None, 1e-6)
+    assert rel_l2(out, ref) <= 1e-5
 
 
 @pytest.mark.parametrize("backend", [TRITON_ON_CPU, "reference", "auto"])
@@ -382,6 +505,176 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     for got, want in zip(compiled(x, tokens, s, t), f(x, tokens, s, t), strict=False):
         torch.testing.assert_close(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# the CPU paths: eager (ATen or per-channel sums) and what torch.compile sees (plain aten ops)
+# ---------------------------------------------------------------------------------------------
+
+# (label, shape, groups, dtype, layout, path the eager native path must take)
+NATIVE_PATHS = [
+    ("bf16-cl-8-per-group", (3, 64, 6, 5), 8, torch.bfloat16, "channels_last", "channel_sums"),
+    ("fp16-cl-12-per-group", (2, 96, 4, 4), 8, torch.float16, "channels_last", "channel_sums"),
+    ("bf16-cl-16-per-group", (2, 64, 6, 5), 4, torch.bfloat16, "channels_last", "aten"),
+    ("bf16-cl-32x32", (1, 32, 32, 32), 8, torch.bfloat16, "channels_last", "aten"),
+    ("bf16-nchw", (2, 64, 6, 5), 8, torch.bfloat16, "nchw", "aten"),
+    ("f32-cl", (2, 64, 6, 5), 8, torch.float32, "channels_last", "aten"),
+]
+
+
+@pytest.mark.parametrize("pre", [False, True], ids=["adagn", "pre-shift"])
+@pytest.mark.parametrize("case", NATIVE_PATHS, ids=[c[0] for c in NATIVE_PATHS])
+def test_native_path_choice(case, pre, monkeypatch):
+    """Each branch of the eager CPU path, with the modulation and pre_shift folded in, against the float64
+    oracle at the tolerance of its dtype; a half-precision channels_last input whose groups are not a
+    multiple of 16 channels wide and that has fewer than 1024 positions takes the per-channel sums."""
+    from fastdiff.ops import norm_cpu
+
+    _, shape, groups, dtype, layout, path = case
+    taken = []
+    real = norm_cpu._gn_channel_sums
+    monkeypatch.setattr(norm_cpu, "_gn_channel_sums", lambda *a: taken.append(1) or real(*a))
+    tol = {torch.float32: 1e-6, torch.float16: 3e-3, torch.bfloat16: 2.4e-2}[dtype]
+    x = make_x(shape, layout, 0.0, "cpu", dtype)
+    weight, bias, scale, shift, pre_shift = make_params(shape[0], shape[1], True, "cpu", dtype, pre=pre)
+    out = check_gn(x, groups, weight.float(), bias.float(), scale, shift, pre_shift, "silu", "auto", tol=tol,
+                   grad_tol=4 * tol)
+    assert bool(taken) == (path == "channel_sums")
+    assert out.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+
+
+@pytest.mark.parametrize("case", [("offset-1e3", 1.0, 1e3), ("huge-1e30", 1e30, 0.0), ("nan", 1.0, float("nan"))],
+                         ids=lambda c: c[0])
+def test_channel_sums_fall_back_to_the_reference(case):
+    """Where the per-channel sums cannot be trusted (a group's |mean| / std past 16, squares past float32,
+    a NaN) the eager path gives the reference's result: correct, NaN kept to its group."""
+    _, magnitude, offset = case
+    x = torch.randn(2, 64, 6, 5, generator=torch.Generator().manual_seed(0)) * magnitude
+    x[0, :8] += offset  # one group of one sample
+    x = x.to(torch.bfloat16, memory_format=torch.channels_last)
+    out = ops.group_norm_modulate(x, 8, activation="silu", backend="auto")
+    ref = ops.group_norm_modulate(x, 8, activation="silu", backend="reference")
+    if offset != offset:  # NaN: only its group is NaN
+        assert torch.isnan(out[0, :8]).all() and torch.isfinite(out[0, 8:]).all() and torch.isfinite(out[1]).all()
+        out, ref = out[1], ref[1]
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("path", ["channel-sums", "aten-nchw-fold", "reference", "triton"])
+def test_strided_per_sample_parameters(path):
+    """scale/shift/pre_shift as views (a transposed (C, N) tensor, one chunk of an (N, 2C) projection, as
+    diffusers' time embedding is split) on every path."""
+    dtype = torch.bfloat16 if path == "channel-sums" else torch.float32
+    layout = "channels_last" if path == "channel-sums" else "nchw"
+    backend = {"channel-sums": "auto", "aten-nchw-fold": "auto"}.get(path, path)
+    device = KERNEL_DEVICE if path == "triton" else "cpu"
+    x = make_x((2, 64, 6, 5), layout, 0.0, device, dtype)
+    g = torch.Generator().manual_seed(3)
+    scale = torch.randn(64, 2, generator=g).to(device, dtype).t()
+    shift, pre_shift = torch.randn(2, 128, generator=g).to(device, dtype).chunk(2, dim=1)
+    out = ops.group_norm_modulate(x, 8, None, None, scale, shift, activation="silu", backend=backend,
+                                  pre_shift=pre_shift)
+    ref = gn_oracle(x.double(), 8, None, None, scale.double(), shift.double(), 1e-5, "silu", pre_shift.double())
+    assert rel_l2(out, ref) <= (2.4e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+class _GraphCapture:
+    """A torch.compile backend that records the FX graph it gets, then runs it as is."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return gm.forward
+
+    def targets(self) -> str:
+        return " ".join(str(node.target) for gm in self.graphs for node in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("case", [
+    ("cl-pre-shift-adagn", (2, 64, 6, 5), 8, "channels_last", 0.0, True),
+    ("nchw-offset-1e4", (2, 96, 7, 5), 32, "nchw", 1e4, False),
+    ("3d-spatial", (2, 32, 3, 4, 5), 8, "nchw", 0.0, True),
+    ("1d-spatial", (2, 48, 11), 16, "nchw", 0.0, False),
+], ids=lambda c: c[0])
+def test_compiled_on_cpu_sees_plain_aten_ops(case):
+    """Under torch.compile on CPU tensors (auto backend) the op is written out in aten ops, so the compiler
+    can fuse it: no fastdiff op in the graph; forward and gradients match the float64 oracle."""
+    _, shape, groups, layout, offset, pre = case
+    capture = _GraphCapture()
+    x = make_x(shape, layout, offset, "cpu")
+    params = make_params(shape[0], shape[1], True, "cpu", pre=pre)
+    inputs = dict(x=x, weight=params[0], bias=params[1], scale=params[2], shift=params[3], pre_shift=params[4])
+    leaves = {k: v.requires_grad_(True) for k, v in inputs.items() if v is not None}
+
+    def f(x, weight, bias, scale, shift, pre_shift):
+        return ops.group_norm_modulate(x, groups, weight, bias, scale, shift, activation="silu", pre_shift=pre_shift)
+
+    out = torch.compile(f, backend=capture, fullgraph=True)(**inputs)
+    assert "fastdiff" not in capture.targets()
+    ref_leaves = {k: v.detach().double().requires_grad_(True) for k, v in leaves.items()}
+    ref = gn_oracle(ref_leaves["x"], groups, ref_leaves["weight"], ref_leaves["bias"], ref_leaves["scale"],
+                    ref_leaves["shift"], 1e-5, "silu", ref_leaves.get("pre_shift"))
+    assert rel_l2(out, ref) <= 1e-6
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    for name, g_got, g_want in zip(leaves, torch.autograd.grad(out, list(leaves.values()), grad),
+                                   torch.autograd.grad(ref, list(ref_leaves.values()), grad.double()), strict=True):
+        assert rel_l2(g_got, g_want) <= 1e-5, name
+
+
+def test_compiled_huge_inputs_and_layer_norm():
+    """The compiled form's float64 statistics: |x| ~ 1e30 normalises correctly (no overflow to a finite
+    all-bias output); the LayerNorm op is written out too."""
+    capture = _GraphCapture()
+    x = torch.randn(2, 16, 5, 5, generator=torch.Generator().manual_seed(0)) * 1e30
+    tokens = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(1)) * 1e30
+    s, t = torch.randn(2, 16), torch.randn(2, 16)
+
+    def f(x, tokens, s, t):
+        return ops.group_norm_modulate(x, 4, scale=s, shift=t), ops.layer_norm_modulate(tokens, scale=s, shift=t)
+
+    gn_out, ln_out = torch.compile(f, backend=capture, fullgraph=True)(x, tokens, s, t)
+    assert "fastdiff" not in capture.targets()
+    assert rel_l2(gn_out, gn_oracle(x.double(), 4, None, None, s, t, 1e-5, None)) <= 1e-6
+    assert rel_l2(ln_out, ln_oracle(tokens.double(), s, t, None, None, 1e-6)) <= 1e-6
+
+
+def test_compile_keeps_the_op_off_auto_and_in_export():
+    """backend='reference' under torch.compile, and torch.export (the ONNX path), keep the custom op."""
+    capture = _GraphCapture()
+    x = torch.randn(2, 8, 3, 3)
+    torch.compile(lambda x: ops.group_norm_modulate(x, 2, backend="reference"), backend=capture, fullgraph=True)(x)
+    assert "fastdiff.group_norm_modulate" in capture.targets()
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return ops.group_norm_modulate(x, 2, activation="silu")
+
+    exported = torch.export.export(M(), (x,))
+    assert "fastdiff.group_norm_modulate" in " ".join(str(n.target) for n in exported.graph.nodes)
+
+
+def test_inductor_compiles_the_cpu_form():
+    """One real inductor build of the written-out ops (channels_last bf16 with a pre_shift, and float32
+    NCHW AdaGN): results at the oracle's tolerance for the dtype, layout kept."""
+    x = make_x((2, 64, 6, 5), "channels_last", 0.0, "cpu", torch.bfloat16)
+    _, _, _, _, p = make_params(2, 64, False, "cpu", torch.bfloat16, pre=True)
+    y = make_x((2, 32, 5, 4), "nchw", 0.0, "cpu")
+    w, b, s, t, _ = make_params(2, 32, True, "cpu")
+
+    def f(x, p, y, w, b, s, t):
+        return (ops.group_norm_modulate(x, 8, activation="silu", pre_shift=p),
+                ops.group_norm_modulate(y, 8, w, b, s, t, activation="silu"))
+
+    with torch.no_grad():
+        out_x, out_y = torch.compile(f, fullgraph=True)(x, p, y, w, b, s, t)
+    assert out_x.dtype == torch.bfloat16 and out_x.is_contiguous(memory_format=torch.channels_last)
+    assert rel_l2(out_x, gn_oracle(x.double(), 8, None, None, None, None, 1e-5, "silu", p.double())) <= 1.6e-2
+    assert rel_l2(out_y, gn_oracle(y.double(), 8, w.double(), b.double(), s.double(), t.double(), 1e-5,
+                                   "silu")) <= 1e-6
 
 
 def test_modules_load_plain_norm_state_dicts():

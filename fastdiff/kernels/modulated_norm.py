@@ -9,6 +9,11 @@ Statistics are float32 on "shifted data": every (sample, group) or row subtracts
 (``x - pivot`` is exact for nearby floats; what is left to average is of the order of the spread).
 With a pre_shift the pivot is the first element of u, and u - pivot is formed as
 ``(x - x[first]) + (pre_shift[c] - pre_shift[first])``, each difference of the order of a spread.
+Inputs so large that the squares overflow float32 (|x - pivot| past ~1e19 / sqrt(count)) are detected
+where the sum of squares comes out non-finite and taken again divided by the largest |x - pivot|
+(``inv``, see _tile_moments): the sum of squares is then in units of inv**2, mean and rstd stay in the
+units of x, so the normalising pass is unchanged. Offsets inside a sample are int32 unless a sample
+spans 2**31 elements or more (WIDE).
 
 GroupNorm works on x viewed as (N, C, S), S the flattened spatial dims, through strides: NCHW
 (channel stride S, spatial stride 1) and channels_last (channel stride 1, spatial stride C) are the
@@ -100,10 +105,13 @@ def _channel_coefficients(n, c, c_mask, W, B, SCALE, SHIFT, stride_sn, stride_tn
 
 
 @triton.jit
-def _group_pivot(X, PRE, n, g, c, c_mask, CG, stride_xc, stride_pn, HAS_PRE: tl.constexpr):
+def _group_pivot(X, PRE, n, g, c, c_mask, CG, stride_xc, stride_pn, HAS_PRE: tl.constexpr, WIDE: tl.constexpr):
     """(pivot, delta): x at the group's first element, and per channel pre_shift[n, c] - pre_shift[n, first]
     (unused without a pre_shift); (x - pivot) + delta[c] is u minus its first element (see _shifted)."""
-    pivot = tl.load(X + g * CG * stride_xc).to(tl.float32)
+    first = g * CG
+    if WIDE:
+        first = first.to(tl.int64)
+    pivot = tl.load(X + first * stride_xc).to(tl.float32)
     delta = tl.zeros(c.shape, tl.float32)
     if HAS_PRE:
         pre = PRE + n * stride_pn
@@ -122,28 +130,108 @@ def _shifted(x, pivot, delta, mask, HAS_PRE: tl.constexpr):
 
 @triton.jit
 def _gn_tile(chunk, g, CG, S, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Channels c, positions s and mask of the chunk-th spatial tile of group g."""
+    """Channels c, positions s, mask and channel mask of the chunk-th spatial tile of group g, and the
+    tile's first channel and position (c0, s0)."""
     cc = tl.arange(0, BLOCK_C)
-    s = chunk * BLOCK_S + tl.arange(0, BLOCK_S)
-    c = g * CG + cc
+    s0 = chunk * BLOCK_S
+    s = s0 + tl.arange(0, BLOCK_S)
+    c0 = g * CG
+    c = c0 + cc
     mask = (cc < CG)[:, None] & (s < S)[None, :]
-    return c, s, mask, cc < CG
+    return c, s, mask, cc < CG, c0, s0
 
 
 @triton.jit
-def _offsets(c, s, stride_c, stride_s):
-    """In-sample offsets of a (channels, positions) tile: int32, since one sample of a tensor holds
-    fewer than 2**31 elements; the per-sample base is the int64 part (half the registers of int64)."""
-    return c[:, None] * stride_c + s[None, :] * stride_s
+def _ptrs(P, c, s, c0, s0, stride_c, stride_s, WIDE: tl.constexpr):
+    """Pointers to the tile (channels c, positions s) of the sample at P, whose first element is (c0, s0).
+
+    Offsets are int32 (half the registers of int64). Where a sample spans 2**31 elements or more (WIDE),
+    the tile's base is taken in int64 and the offsets inside the tile stay int32 (the launcher checks
+    that one tile spans fewer).
+    """
+    if WIDE:
+        P += c0.to(tl.int64) * stride_c + s0.to(tl.int64) * stride_s
+        c -= c0
+        s -= s0
+    return P + (c[:, None] * stride_c + s[None, :] * stride_s)
 
 
 @triton.jit
-def _tile_moments(d, mask, count):
+def _row_ptrs(P, rows, cols, row0, stride_l, stride_d, WIDE: tl.constexpr):
+    """Pointers to the tile (rows, cols) of an (L, D) sample at P, as _ptrs with the tile based at row0."""
+    if WIDE:
+        P += row0.to(tl.int64) * stride_l
+        rows -= row0
+    return P + (rows[:, None] * stride_l + cols[None, :] * stride_d)
+
+
+@triton.jit
+def _overflowed(m2):
+    """A sum of squares that is inf or NaN: overflow (or a NaN in the input, which the retry keeps)."""
+    return (m2 != m2) | (m2 > 3.0e38)
+
+
+@triton.jit
+def _plain_moments(d, mask, count):
     """Mean and centred sum of squares of the masked tile d (two passes over registers)."""
     mean = tl.sum(tl.sum(d, axis=1), axis=0) / count
     dc = tl.where(mask, d - mean, 0.0)
     m2 = tl.sum(tl.sum(dc * dc, axis=1), axis=0)
     return mean, m2
+
+
+@triton.jit
+def _tile_moments(d, mask, count):
+    """(mean, m2, inv): the tile's mean, its centred sum of squares in units of inv**2, and inv.
+
+    inv is 1 unless the squares overflow; then the moments are taken of d / max|d| (inv = 1 / max|d|),
+    which cannot overflow, and the mean is brought back to the units of d (it is at most max|d|).
+    """
+    mean, m2 = _plain_moments(d, mask, count)
+    inv = tl.full((), 1.0, tl.float32)
+    if _overflowed(m2):
+        amax = tl.max(tl.max(tl.abs(d), axis=1), axis=0)
+        inv = 1.0 / amax
+        mean, m2 = _plain_moments(d * inv, mask, count)
+        mean = mean * amax
+    return mean, m2, inv
+
+
+@triton.jit
+def _rstd(m2, count, inv, eps):
+    """1 / sqrt(var + eps) from a sum of squares in units of inv**2 (inv = 1: the plain formula)."""
+    return inv / tl.sqrt(m2 / count + eps * inv * inv)
+
+
+@triton.jit
+def _slab_moments(X, pivot, delta, g, CG, S, stride_xc, stride_xs, inv,
+                  HAS_PRE: tl.constexpr, WIDE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Mean and centred sum of squares of (u - pivot) * inv over a whole (n, g) slab, tile by tile,
+    merged by Chan et al.'s pairwise update (exact, no E[x^2] - E[x]^2)."""
+    mean = 0.0
+    m2 = 0.0
+    for i in range(0, tl.cdiv(S, BLOCK_S)):
+        c, s, mask, c_mask, c0, s0 = _gn_tile(i, g, CG, S, BLOCK_C, BLOCK_S)
+        x = tl.load(_ptrs(X, c, s, c0, s0, stride_xc, stride_xs, WIDE), mask=mask, other=0.0).to(tl.float32)
+        count = CG * tl.minimum(S - i * BLOCK_S, BLOCK_S)
+        chunk_mean, chunk_m2 = _plain_moments(_shifted(x, pivot, delta, mask, HAS_PRE) * inv, mask, count)
+        seen = CG * i * BLOCK_S  # elements combined so far
+        step = chunk_mean - mean
+        mean += step * count / (seen + count)
+        m2 += chunk_m2 + step * step * seen * count / (seen + count)
+    return mean, m2
+
+
+@triton.jit
+def _slab_amax(X, pivot, delta, g, CG, S, stride_xc, stride_xs,
+               HAS_PRE: tl.constexpr, WIDE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """max |u - pivot| over a whole (n, g) slab."""
+    amax = 0.0
+    for i in range(0, tl.cdiv(S, BLOCK_S)):
+        c, s, mask, c_mask, c0, s0 = _gn_tile(i, g, CG, S, BLOCK_C, BLOCK_S)
+        x = tl.load(_ptrs(X, c, s, c0, s0, stride_xc, stride_xs, WIDE), mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.max(tl.abs(_shifted(x, pivot, delta, mask, HAS_PRE)), axis=1), axis=0))
+    return amax
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,6 +263,7 @@ def _gn_forward_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     HAS_PRE: tl.constexpr,
     SILU: tl.constexpr,
+    WIDE: tl.constexpr,     # int64 offsets inside a sample (one sample spans 2**31 elements or more)
     BLOCK_C: tl.constexpr,  # >= CG, power of two
     BLOCK_S: tl.constexpr,  # spatial positions per tile
 ):
@@ -192,26 +281,23 @@ def _gn_forward_kernel(
     g = pid % G
     X += n.to(tl.int64) * stride_xn
     OUT += n.to(tl.int64) * stride_on
-    c, s, mask, c_mask = _gn_tile(chunk, g, CG, S, BLOCK_C, BLOCK_S)
-    pivot, delta = _group_pivot(X, PRE, n, g, c, c_mask, CG, stride_xc, stride_pn, HAS_PRE)
+    c, s, mask, c_mask, c0, s0 = _gn_tile(chunk, g, CG, S, BLOCK_C, BLOCK_S)
+    pivot, delta = _group_pivot(X, PRE, n, g, c, c_mask, CG, stride_xc, stride_pn, HAS_PRE, WIDE)
     if MODE == 0:
-        x = tl.load(X + _offsets(c, s, stride_xc, stride_xs), mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(_ptrs(X, c, s, c0, s0, stride_xc, stride_xs, WIDE), mask=mask, other=0.0).to(tl.float32)
         d = _shifted(x, pivot, delta, mask, HAS_PRE)
-        mean, m2 = _tile_moments(d, mask, CG * S)
-        rstd = 1.0 / tl.sqrt(m2 / (CG * S) + eps)
+        mean, m2, inv = _tile_moments(d, mask, CG * S)
+        rstd = _rstd(m2, CG * S, inv, eps)
     elif MODE == 1:
-        mean = 0.0
-        m2 = 0.0
-        for i in range(0, tl.cdiv(S, BLOCK_S)):
-            c, s, mask, c_mask = _gn_tile(i, g, CG, S, BLOCK_C, BLOCK_S)
-            x = tl.load(X + _offsets(c, s, stride_xc, stride_xs), mask=mask, other=0.0).to(tl.float32)
-            count = CG * tl.minimum(S - i * BLOCK_S, BLOCK_S)
-            chunk_mean, chunk_m2 = _tile_moments(_shifted(x, pivot, delta, mask, HAS_PRE), mask, count)
-            seen = CG * i * BLOCK_S  # elements combined so far
-            step = chunk_mean - mean
-            mean += step * count / (seen + count)
-            m2 += chunk_m2 + step * step * seen * count / (seen + count)
-        rstd = 1.0 / tl.sqrt(m2 / (CG * S) + eps)
+        args = (X, pivot, delta, g, CG, S, stride_xc, stride_xs)
+        mean, m2 = _slab_moments(*args, 1.0, HAS_PRE, WIDE, BLOCK_C, BLOCK_S)
+        inv = tl.full((), 1.0, tl.float32)
+        if _overflowed(m2):  # the squares overflowed: again, divided by the slab's max |u - pivot|
+            amax = _slab_amax(*args, HAS_PRE, WIDE, BLOCK_C, BLOCK_S)
+            inv = 1.0 / amax
+            mean, m2 = _slab_moments(*args, inv, HAS_PRE, WIDE, BLOCK_C, BLOCK_S)
+            mean = mean * amax
+        rstd = _rstd(m2, CG * S, inv, eps)
     else:
         mean = tl.load(MEAN + pid)
         rstd = tl.load(RSTD + pid)
@@ -224,13 +310,13 @@ def _gn_forward_kernel(
     num_tiles = tl.cdiv(S, BLOCK_S) if MODE == 1 else 1
     for i in range(0, num_tiles):
         if MODE == 1:
-            c, s, mask, c_mask = _gn_tile(i, g, CG, S, BLOCK_C, BLOCK_S)
+            c, s, mask, c_mask, c0, s0 = _gn_tile(i, g, CG, S, BLOCK_C, BLOCK_S)
         if MODE != 0:
-            x = tl.load(X + _offsets(c, s, stride_xc, stride_xs), mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(_ptrs(X, c, s, c0, s0, stride_xc, stride_xs, WIDE), mask=mask, other=0.0).to(tl.float32)
         z = tl.where(mask, x - pivot, 0.0) * a[:, None] + b[:, None]
         if SILU:
             z = z * tl.sigmoid(z)
-        tl.store(OUT + _offsets(c, s, stride_oc, stride_os), z.to(OUT.dtype.element_ty), mask=mask)
+        tl.store(_ptrs(OUT, c, s, c0, s0, stride_oc, stride_os, WIDE), z.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -238,12 +324,14 @@ def _gn_partial_moments_kernel(
     X,          # (N, C, S) input
     PRE,        # (N, C) pre_shift, or a dummy
     PART_MEAN,  # (N * G, K) float32 chunk mean of u - pivot
-    PART_M2,    # (N * G, K) float32 chunk centred sum of squares
+    PART_M2,    # (N * G, K) float32 chunk centred sum of squares, in units of PART_INV**2
+    PART_INV,   # (N * G, K) float32 the chunk's scale (1 unless its squares overflowed; see _tile_moments)
     stride_xn, stride_xc, stride_xs,
     stride_pn,
     G, CG, S,
     K,          # chunks per (n, g) = cdiv(S, BLOCK_S)
     HAS_PRE: tl.constexpr,
+    WIDE: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
@@ -252,21 +340,23 @@ def _gn_partial_moments_kernel(
     chunk = tl.program_id(1)
     n = pid // G
     g = pid % G
-    c, s, mask, c_mask = _gn_tile(chunk, g, CG, S, BLOCK_C, BLOCK_S)
+    c, s, mask, c_mask, c0, s0 = _gn_tile(chunk, g, CG, S, BLOCK_C, BLOCK_S)
     X += n.to(tl.int64) * stride_xn
-    pivot, delta = _group_pivot(X, PRE, n, g, c, c_mask, CG, stride_xc, stride_pn, HAS_PRE)
-    x = tl.load(X + _offsets(c, s, stride_xc, stride_xs), mask=mask, other=0.0).to(tl.float32)
+    pivot, delta = _group_pivot(X, PRE, n, g, c, c_mask, CG, stride_xc, stride_pn, HAS_PRE, WIDE)
+    x = tl.load(_ptrs(X, c, s, c0, s0, stride_xc, stride_xs, WIDE), mask=mask, other=0.0).to(tl.float32)
     d = _shifted(x, pivot, delta, mask, HAS_PRE)
     count = CG * tl.minimum(S - chunk * BLOCK_S, BLOCK_S)
-    mean, m2 = _tile_moments(d, mask, count)
+    mean, m2, inv = _tile_moments(d, mask, count)
     tl.store(PART_MEAN + pid * K + chunk, mean)
     tl.store(PART_M2 + pid * K + chunk, m2)
+    tl.store(PART_INV + pid * K + chunk, inv)
 
 
 @triton.jit
 def _gn_combine_moments_kernel(
     PART_MEAN,  # (N * G, K) float32
-    PART_M2,    # (N * G, K) float32
+    PART_M2,    # (N * G, K) float32, in units of PART_INV**2
+    PART_INV,   # (N * G, K) float32
     MEAN,       # (N * G,) float32 out: mean of u - pivot
     RSTD,       # (N * G,) float32 out
     CG, S, K,
@@ -274,19 +364,32 @@ def _gn_combine_moments_kernel(
     BLOCK_S: tl.constexpr,  # the chunk width used by the partial kernel
     BLOCK_K: tl.constexpr,  # >= K, power of two
 ):
-    """Chan et al.'s pairwise combination of K chunk moments: exact, no E[x^2] - E[x]^2. Grid (N * G,)."""
+    """Chan et al.'s pairwise combination of K chunk moments: exact, no E[x^2] - E[x]^2. Grid (N * G,).
+
+    The chunks' sums of squares are brought to the smallest chunk scale inv; if the combination still
+    overflows (chunk means far apart), inv shrinks to 1 / the largest chunk deviation or spread.
+    """
     pid = tl.program_id(0)
     k = tl.arange(0, BLOCK_K)
     k_mask = k < K
     cnt = tl.where(k_mask, CG * tl.minimum(S - k * BLOCK_S, BLOCK_S), 0).to(tl.float32)
     m = tl.load(PART_MEAN + pid * K + k, mask=k_mask, other=0.0)
     m2 = tl.load(PART_M2 + pid * K + k, mask=k_mask, other=0.0)
+    inv_k = tl.load(PART_INV + pid * K + k, mask=k_mask, other=1.0)
     total = CG * S
-    mean = tl.sum(cnt * m, axis=0) / total
-    dev = m - mean
-    var = (tl.sum(m2, axis=0) + tl.sum(cnt * dev * dev, axis=0)) / total
+    mean = tl.sum(cnt / total * m, axis=0)  # weights <= 1: no overflow where the means are finite
+    inv = tl.min(inv_k, axis=0)
+    ratio = inv / inv_k
+    dev = (m - mean) * inv
+    m2_total = tl.sum(m2 * ratio * ratio, axis=0) + tl.sum(cnt * dev * dev, axis=0)
+    if _overflowed(m2_total):
+        spread = tl.sqrt(m2 / tl.maximum(cnt, 1.0)) / inv_k  # each chunk's std, in units of x
+        inv = tl.minimum(inv, 1.0 / tl.max(tl.maximum(tl.abs(m - mean), spread), axis=0))
+        ratio = inv / inv_k
+        dev = (m - mean) * inv
+        m2_total = tl.sum(m2 * ratio * ratio, axis=0) + tl.sum(cnt * dev * dev, axis=0)
     tl.store(MEAN + pid, mean)
-    tl.store(RSTD + pid, 1.0 / tl.sqrt(var + eps))
+    tl.store(RSTD + pid, _rstd(m2_total, total, inv, eps))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,6 +420,7 @@ def _gn_backward_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     HAS_PRE: tl.constexpr,
     SILU: tl.constexpr,
+    WIDE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Gradients of group_norm_modulate over one tile. Grid (N * G, K).
@@ -332,21 +436,21 @@ def _gn_backward_kernel(
     chunk = tl.program_id(1)
     n = pid // G
     g = pid % G
-    c, s, mask, c_mask = _gn_tile(chunk, g, CG, S, BLOCK_C, BLOCK_S)
+    c, s, mask, c_mask, c0, s0 = _gn_tile(chunk, g, CG, S, BLOCK_C, BLOCK_S)
     X += n.to(tl.int64) * stride_xn
     DOUT += n.to(tl.int64) * stride_gn
     DX += n.to(tl.int64) * stride_dn
-    pivot, delta = _group_pivot(X, PRE, n, g, c, c_mask, CG, stride_xc, stride_pn, HAS_PRE)
-    x = tl.load(X + _offsets(c, s, stride_xc, stride_xs), mask=mask, other=0.0).to(tl.float32)
+    pivot, delta = _group_pivot(X, PRE, n, g, c, c_mask, CG, stride_xc, stride_pn, HAS_PRE, WIDE)
+    x = tl.load(_ptrs(X, c, s, c0, s0, stride_xc, stride_xs, WIDE), mask=mask, other=0.0).to(tl.float32)
     d = _shifted(x, pivot, delta, mask, HAS_PRE)
     if PHASE == 0:
-        mean, m2 = _tile_moments(d, mask, CG * S)
-        rstd = 1.0 / tl.sqrt(m2 / (CG * S) + eps)
+        mean, m2, inv = _tile_moments(d, mask, CG * S)
+        rstd = _rstd(m2, CG * S, inv, eps)
     else:
         mean = tl.load(MEAN + pid)
         rstd = tl.load(RSTD + pid)
     xhat = tl.where(mask, (d - mean) * rstd, 0.0)
-    dz = tl.load(DOUT + _offsets(c, s, stride_gc, stride_gs), mask=mask, other=0.0).to(tl.float32)
+    dz = tl.load(_ptrs(DOUT, c, s, c0, s0, stride_gc, stride_gs, WIDE), mask=mask, other=0.0).to(tl.float32)
     y, z, one_plus_scale = _affine_modulate(xhat, n, c[:, None], c_mask[:, None], W, B, SCALE, SHIFT,
                                             stride_sn, stride_tn, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
     if SILU:
@@ -376,7 +480,7 @@ def _gn_backward_kernel(
             sum_gx = tl.sum(tl.load(GSUM + (pid * K + k) * 2 + 1, mask=k < K, other=0.0), axis=0)
         count = CG * S
         dx = rstd * (dxhat - sum_g / count - xhat * (sum_gx / count))
-        tl.store(DX + _offsets(c, s, stride_dc, stride_ds), dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(_ptrs(DX, c, s, c0, s0, stride_dc, stride_ds, WIDE), dx.to(DX.dtype.element_ty), mask=mask)
         if HAS_PRE:
             tl.store(DPRE + pc, tl.sum(tl.where(mask, dx, 0.0), axis=1), mask=c_mask)
 
@@ -387,14 +491,30 @@ def _gn_backward_kernel(
 
 
 @triton.jit
-def _ln_rows(X, rows, cols, mask, stride_xl, stride_xd, L, D, eps):
-    """Centred rows (x - mean, zero outside the mask) and their 1 / sqrt(var + eps), from shifted data."""
-    x = tl.load(X + _offsets(rows, cols, stride_xl, stride_xd), mask=mask, other=0.0).to(tl.float32)
-    pivot = tl.load(X + rows * stride_xl, mask=rows < L, other=0.0).to(tl.float32)
+def _ln_rows(X, row0, rows, cols, mask, stride_xl, stride_xd, L, D, eps, WIDE: tl.constexpr):
+    """(xhat, rstd): normalised rows (zero outside the mask) and their 1 / sqrt(var + eps), from shifted data.
+
+    A row whose squares overflow is taken again divided by its max |x - pivot| (inv); xhat is the same,
+    rstd (in the units of x) is inv times the scaled rows' one.
+    """
+    x = tl.load(_row_ptrs(X, rows, cols, row0, stride_xl, stride_xd, WIDE), mask=mask, other=0.0).to(tl.float32)
+    first = rows * stride_xl  # each row's first feature
+    if WIDE:
+        first = row0.to(tl.int64) * stride_xl + (rows - row0) * stride_xl
+    pivot = tl.load(X + first, mask=rows < L, other=0.0).to(tl.float32)
     d = tl.where(mask, x - pivot[:, None], 0.0)
     mean = tl.sum(d, axis=1) / D
     dc = tl.where(mask, d - mean[:, None], 0.0)
-    return dc, 1.0 / tl.sqrt(tl.sum(dc * dc, axis=1) / D + eps)
+    m2 = tl.sum(dc * dc, axis=1)
+    inv = tl.full(mean.shape, 1.0, tl.float32)
+    if tl.max(_overflowed(m2).to(tl.int32), axis=0) > 0:
+        inv = tl.where(_overflowed(m2), 1.0 / tl.max(tl.abs(d), axis=1), 1.0)
+        d = d * inv[:, None]
+        mean = tl.sum(d, axis=1) / D
+        dc = tl.where(mask, d - mean[:, None], 0.0)
+        m2 = tl.sum(dc * dc, axis=1)
+    rstd = 1.0 / tl.sqrt(m2 / D + eps * inv * inv)  # of the (scaled) rows dc
+    return dc * rstd[:, None], rstd * inv
 
 
 @triton.jit
@@ -410,6 +530,7 @@ def _ln_forward_kernel(
     L, D,
     eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    WIDE: tl.constexpr,     # int64 offsets inside a sample (L * D >= 2**31)
     BLOCK_M: tl.constexpr,  # rows (tokens) per program
     BLOCK_D: tl.constexpr,  # >= D, power of two
 ):
@@ -418,16 +539,18 @@ def _ln_forward_kernel(
     Grid (N, cdiv(L, BLOCK_M)). Traffic: x read once, out written once; scale/shift rows once per program.
     """
     n = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = tl.program_id(1) * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     c_mask = cols < D
     mask = (rows < L)[:, None] & c_mask[None, :]
-    dc, rstd = _ln_rows(X + n.to(tl.int64) * stride_xn, rows, cols, mask, stride_xl, stride_xd, L, D, eps)
+    xhat, _ = _ln_rows(X + n.to(tl.int64) * stride_xn, row0, rows, cols, mask, stride_xl, stride_xd, L, D, eps,
+                       WIDE)
     alpha, beta = _channel_coefficients(n, cols, c_mask, W, B, SCALE, SHIFT, stride_sn, stride_tn,
                                         HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
-    z = dc * rstd[:, None] * alpha[None, :] + beta[None, :]
+    z = xhat * alpha[None, :] + beta[None, :]
     OUT += n.to(tl.int64) * stride_on
-    tl.store(OUT + _offsets(rows, cols, stride_ol, stride_od), z.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(_row_ptrs(OUT, rows, cols, row0, stride_ol, stride_od, WIDE), z.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -447,6 +570,7 @@ def _ln_backward_kernel(
     L, D, LB,
     eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Gradients of layer_norm_modulate for BLOCK_M tokens; per-row dx, per-program column sums.
@@ -456,14 +580,15 @@ def _ln_backward_kernel(
     """
     n = tl.program_id(0)
     lb = tl.program_id(1)
-    rows = lb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = lb * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     c_mask = cols < D
     mask = (rows < L)[:, None] & c_mask[None, :]
-    dc, rstd = _ln_rows(X + n.to(tl.int64) * stride_xn, rows, cols, mask, stride_xl, stride_xd, L, D, eps)
-    xhat = dc * rstd[:, None]
+    xhat, rstd = _ln_rows(X + n.to(tl.int64) * stride_xn, row0, rows, cols, mask, stride_xl, stride_xd, L, D,
+                          eps, WIDE)
     DOUT += n.to(tl.int64) * stride_gn
-    dz = tl.load(DOUT + _offsets(rows, cols, stride_gl, stride_gd), mask=mask, other=0.0).to(tl.float32)
+    dz = tl.load(_row_ptrs(DOUT, rows, cols, row0, stride_gl, stride_gd, WIDE), mask=mask, other=0.0).to(tl.float32)
     y, _, one_plus_scale = _affine_modulate(xhat, n, cols[None, :], c_mask[None, :], W, B, SCALE, SHIFT,
                                             stride_sn, stride_tn, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
     dy = dz * one_plus_scale
@@ -475,7 +600,7 @@ def _ln_backward_kernel(
     sum_gx = tl.sum(dxhat * xhat, axis=1)
     dx = rstd[:, None] * (dxhat - (sum_g / D)[:, None] - xhat * (sum_gx / D)[:, None])
     DX += n.to(tl.int64) * stride_dn
-    tl.store(DX + _offsets(rows, cols, stride_dl, stride_dd), dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(_row_ptrs(DX, rows, cols, row0, stride_dl, stride_dd, WIDE), dx.to(DX.dtype.element_ty), mask=mask)
     p = (n * LB + lb).to(tl.int64) * D + cols
     tl.store(DSHIFT + p, tl.sum(dz, axis=0), mask=c_mask)
     tl.store(DSCALE + p, tl.sum(dz * y, axis=0), mask=c_mask)
@@ -486,6 +611,33 @@ def _ln_backward_kernel(
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
+
+
+# Offsets inside one sample are int32 below this (see _ptrs); a sample reaching it takes WIDE (int64).
+INT32_LIMIT = 2**31
+
+
+def _span(sizes, strides) -> int:
+    return sum((n - 1) * st for n, st in zip(sizes, strides, strict=True))
+
+
+def _wide(sizes: tuple[int, int], block: tuple[int, int], *strides: tuple[int, int]) -> bool:
+    """WIDE for the kernels (see _ptrs): whether a sample of a tensor viewed as (N, C, S) or (N, L, D), with
+    these in-sample ``sizes`` and any of these in-sample ``strides``, spans INT32_LIMIT elements. Offsets
+    inside one ``block`` tile are int32 even then: a tile that spans INT32_LIMIT is refused."""
+    if not any(_span(sizes, stride) >= INT32_LIMIT for stride in strides):
+        return False
+    for stride in strides:
+        if _span(block, stride) >= INT32_LIMIT:
+            raise ValueError(f"one ({block[0]} x {block[1]}) tile of in-sample strides {tuple(stride)} spans 2**31 "
+                             "elements or more, past what the Triton norm kernels address; use backend='reference'")
+    return True
+
+
+def _check_dtype(x: Tensor) -> None:
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"the Triton norm kernels take float16, bfloat16 or float32 x (statistics in float32), "
+                         f"got {x.dtype}; use backend='reference' (float64 statistics for float64)")
 
 
 def _flat_spatial(x: Tensor) -> Optional[tuple[int, int, int]]:
@@ -543,13 +695,14 @@ def _prepare_vectors(*ts: Optional[Tensor]) -> list[Optional[Tensor]]:
 def _gn_moments(x, pre_shift, strides, n, g, cg, s, eps, block_c, block_s, k):
     mean = torch.empty(n * g, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    part_mean = torch.empty(n * g, k, device=x.device, dtype=torch.float32)
-    part_m2 = torch.empty_like(part_mean)
+    part_mean, part_m2, part_inv = (torch.empty(n * g, k, device=x.device, dtype=torch.float32) for _ in range(3))
     _gn_partial_moments_kernel[(n * g, k)](
-        x, _dummy(x, pre_shift), part_mean, part_m2, *strides, _row_stride(pre_shift), g, cg, s, k,
-        HAS_PRE=pre_shift is not None, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_num_warps(block_c * block_s))
+        x, _dummy(x, pre_shift), part_mean, part_m2, part_inv, *strides, _row_stride(pre_shift), g, cg, s, k,
+        HAS_PRE=pre_shift is not None, WIDE=_wide((g * cg, s), (block_c, block_s), strides[1:]),
+        BLOCK_C=block_c, BLOCK_S=block_s,
+        num_warps=_num_warps(block_c * block_s))
     _gn_combine_moments_kernel[(n * g,)](
-        part_mean, part_m2, mean, rstd, cg, s, k, eps,
+        part_mean, part_m2, part_inv, mean, rstd, cg, s, k, eps,
         BLOCK_S=block_s, BLOCK_K=triton.next_power_of_2(k), num_warps=4)
     return mean, rstd
 
@@ -562,6 +715,7 @@ def group_norm_modulate_forward(x: Tensor, num_groups: int, weight: Optional[Ten
 
     ``max_tile`` caps the elements per program (tests lower it to exercise the split path).
     """
+    _check_dtype(x)
     n, c = x.shape[:2]
     s = math.prod(x.shape[2:])
     g, cg = num_groups, c // num_groups
@@ -585,7 +739,7 @@ def group_norm_modulate_forward(x: Tensor, num_groups: int, weight: Optional[Ten
         mean, rstd, *strides, *o_strides, _row_stride(scale), _row_stride(shift), _row_stride(pre_shift),
         g, cg, s, eps, MODE=mode, HAS_W=weight is not None, HAS_B=bias is not None,
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_PRE=pre_shift is not None,
-        SILU=activation == "silu",
+        SILU=activation == "silu", WIDE=_wide((c, s), (block_c, block_s), strides[1:], o_strides[1:]),
         BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_num_warps(block_c * block_s))
     return out
 
@@ -595,6 +749,7 @@ def group_norm_modulate_backward(grad: Tensor, x: Tensor, num_groups: int, weigh
                                  eps: float, activation: Optional[str], pre_shift: Optional[Tensor] = None,
                                  max_tile: Optional[int] = None):
     """(dx, dweight, dbias, dscale, dshift, dpre_shift) for the forward above; all six always returned."""
+    _check_dtype(x)
     n, c = x.shape[:2]
     s = math.prod(x.shape[2:])
     g, cg = num_groups, c // num_groups
@@ -620,6 +775,7 @@ def group_norm_modulate_backward(grad: Tensor, x: Tensor, num_groups: int, weigh
             _row_stride(scale), _row_stride(shift), _row_stride(pre_shift), g, cg, s, k, eps, PHASE=phase,
             HAS_W=weight is not None, HAS_B=bias is not None, HAS_SCALE=scale is not None,
             HAS_SHIFT=shift is not None, HAS_PRE=pre_shift is not None, SILU=activation == "silu",
+            WIDE=_wide((c, s), (block_c, block_s), strides[1:], g_strides[1:], d_strides[1:]),
             BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_K=triton.next_power_of_2(k),
             num_warps=_num_warps(block_c * block_s))
     as_dtype = lambda t, like: t.to(like.dtype if like is not None else x.dtype)
@@ -644,6 +800,7 @@ def _ln_blocks(l: int, d: int) -> tuple[int, int]:
 def layer_norm_modulate_forward(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
                                 weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
     """Launch the forward; inputs are validated by ``fastdiff.ops.layer_norm_modulate``."""
+    _check_dtype(x)
     n, l, d = x.shape
     out = torch.empty_like(x)
     weight, bias, scale, shift = _prepare_vectors(weight, bias, scale, shift)
@@ -652,13 +809,16 @@ def layer_norm_modulate_forward(x: Tensor, scale: Optional[Tensor], shift: Optio
         x, out, _dummy(x, weight), _dummy(x, bias), _dummy(x, scale), _dummy(x, shift),
         *x.stride(), *out.stride(), _row_stride(scale), _row_stride(shift), l, d, eps,
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_SCALE=scale is not None,
-        HAS_SHIFT=shift is not None, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=_num_warps(block_m * block_d))
+        HAS_SHIFT=shift is not None, WIDE=_wide((l, d), (block_m, block_d), x.stride()[1:], out.stride()[1:]),
+        BLOCK_M=block_m, BLOCK_D=block_d,
+        num_warps=_num_warps(block_m * block_d))
     return out
 
 
 def layer_norm_modulate_backward(grad: Tensor, x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
                                  weight: Optional[Tensor], bias: Optional[Tensor], eps: float):
     """(dx, dscale, dshift, dweight, dbias) for the forward above; all five always returned."""
+    _check_dtype(x)
     n, l, d = x.shape
     dx = torch.empty_like(x)
     weight, bias, scale, shift = _prepare_vectors(weight, bias, scale, shift)
@@ -669,7 +829,10 @@ def layer_norm_modulate_backward(grad: Tensor, x: Tensor, scale: Optional[Tensor
         x, grad, dx, _dummy(x, weight), _dummy(x, bias), _dummy(x, scale), _dummy(x, shift), *partials,
         *x.stride(), *grad.stride(), *dx.stride(), _row_stride(scale), _row_stride(shift), l, d, lb, eps,
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_SCALE=scale is not None,
-        HAS_SHIFT=shift is not None, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=_num_warps(block_m * block_d))
+        HAS_SHIFT=shift is not None,
+        WIDE=_wide((l, d), (block_m, block_d), x.stride()[1:], grad.stride()[1:], dx.stride()[1:]), BLOCK_M=block_m,
+        BLOCK_D=block_d,
+        num_warps=_num_warps(block_m * block_d))
     dscale, dshift, dw, db = (p.sum(1) for p in partials)
     as_dtype = lambda t, like: t.to(like.dtype if like is not None else x.dtype)
     return dx, as_dtype(dscale, scale), as_dtype(dshift, shift), as_dtype(dw.sum(0), weight), as_dtype(
@@ -690,36 +853,39 @@ def build_configs() -> list[dict]:
     def build_spec(name, fn, types, constexprs, num_warps):
         return spec(name, fn, {**sizes, **types}, constexprs, num_warps=num_warps)
 
-    def gn_forward(dtype, block_c, block_s, channels_last, mode=0, modulate=True, pre=False):
+    def gn_forward(dtype, block_c, block_s, channels_last, mode=0, modulate=True, pre=False, wide=False):
         unit = {"stride_xc": 1, "stride_oc": 1} if channels_last else {"stride_xs": 1, "stride_os": 1}
         ptr = f"*{dtype}"
         flags = dict(MODE=mode, HAS_W=True, HAS_B=True, HAS_SCALE=modulate, HAS_SHIFT=modulate, HAS_PRE=pre,
-                     SILU=True, BLOCK_C=block_c, BLOCK_S=block_s)
+                     SILU=True, WIDE=wide, BLOCK_C=block_c, BLOCK_S=block_s)
         layout = "nhwc" if channels_last else "nchw"
         name = f"gn_fwd_{('tile', 'loop', 'apply')[mode]}_{dtype}_{layout}_c{block_c}_s{block_s}"
-        name += ("" if modulate else "_plain") + ("_pre" if pre else "")
+        name += ("" if modulate else "_plain") + ("_pre" if pre else "") + ("_wide" if wide else "")
         return build_spec(name, _gn_forward_kernel,
                           {"X": ptr, "OUT": ptr, "SCALE": ptr, "SHIFT": ptr, "PRE": ptr},
                           {**unit, **flags}, num_warps=_num_warps(block_c * block_s))
 
-    def gn_backward(dtype, phase, block_c, block_s, pre=False):
+    def gn_backward(dtype, phase, block_c, block_s, pre=False, wide=False):
         ptr = f"*{dtype}"
         flags = dict(PHASE=phase, HAS_W=True, HAS_B=True, HAS_SCALE=True, HAS_SHIFT=True, HAS_PRE=pre, SILU=True,
-                     BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_K=1 if phase == 0 else 64)
-        name = f"gn_bwd_phase{phase}_{dtype}_c{block_c}_s{block_s}" + ("_pre" if pre else "")
+                     WIDE=wide, BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_K=1 if phase == 0 else 64)
+        name = f"gn_bwd_phase{phase}_{dtype}_c{block_c}_s{block_s}" + ("_pre" if pre else "") + (
+            "_wide" if wide else "")
         return build_spec(name, _gn_backward_kernel,
                           {"X": ptr, "DOUT": ptr, "DX": ptr, "SCALE": ptr, "SHIFT": ptr, "PRE": ptr},
                           {"stride_xs": 1, "stride_gs": 1, "stride_ds": 1, **flags},
                           num_warps=_num_warps(block_c * block_s))
 
-    def ln(kernel, dtype, d):
+    def ln(kernel, dtype, d, wide=False):
         block_m, block_d = _ln_blocks(1024, d)
         ptr = f"*{dtype}"
         ptrs = {"X": ptr, "OUT": ptr, "DOUT": ptr, "DX": ptr, "SCALE": ptr, "SHIFT": ptr}
         unit = {k: 1 for k in kernel.arg_names if k.startswith("stride_") and k.endswith("d")}
-        flags = dict(HAS_W=False, HAS_B=False, HAS_SCALE=True, HAS_SHIFT=True, BLOCK_M=block_m, BLOCK_D=block_d)
+        flags = dict(HAS_W=False, HAS_B=False, HAS_SCALE=True, HAS_SHIFT=True, WIDE=wide, BLOCK_M=block_m,
+                     BLOCK_D=block_d)
         kind = "fwd" if kernel is _ln_forward_kernel else "bwd"
-        return build_spec(f"ln_{kind}_{dtype}_d{d}", kernel, {k: v for k, v in ptrs.items() if k in kernel.arg_names},
+        return build_spec(f"ln_{kind}_{dtype}_d{d}" + ("_wide" if wide else ""), kernel,
+                          {k: v for k, v in ptrs.items() if k in kernel.arg_names},
                           {**unit, **flags}, num_warps=_num_warps(block_m * block_d))
 
     configs = []
@@ -742,7 +908,7 @@ def build_configs() -> list[dict]:
     for pre in (False, True):
         configs.append(build_spec("gn_partial_moments_bf16_c4_s2048" + ("_pre" if pre else ""),
                                   _gn_partial_moments_kernel, {"X": "*bf16", "PRE": "*bf16"},
-                                  {"stride_xs": 1, "HAS_PRE": pre, "BLOCK_C": 4, "BLOCK_S": 2048},
+                                  {"stride_xs": 1, "HAS_PRE": pre, "WIDE": False, "BLOCK_C": 4, "BLOCK_S": 2048},
                                   num_warps=_num_warps(4 * 2048)))
     configs.append(build_spec("gn_combine_moments_k64", _gn_combine_moments_kernel, {},
                               {"BLOCK_S": 2048, "BLOCK_K": 64}, num_warps=4))
@@ -752,6 +918,11 @@ def build_configs() -> list[dict]:
         configs.append(gn_backward("bf16", 1, 16, 256, pre))
         configs.append(gn_backward("bf16", 2, 16, 256, pre))
     configs.append(gn_backward("bf16", 0, 16, 256, pre=True))
+    # a sample of 2**31 elements or more (e.g. C=128 at 4096x4096): int64 offsets inside the sample
+    for mode in (0, 1):
+        configs.append(gn_forward("bf16", 16, 256, True, mode, wide=True))
+    configs.append(gn_backward("bf16", 0, 16, 256, wide=True))
+    configs.append(ln(_ln_forward_kernel, "bf16", 1152, wide=True))
     for dtype in ("bf16", "fp16", "fp32"):
         configs.append(ln(_ln_forward_kernel, dtype, 1152))
     configs.append(ln(_ln_forward_kernel, "bf16", 384))

@@ -79,8 +79,8 @@ class TimestepEmbedding(nn.Module):
 class ResnetBlock2D(nn.Module):
     """``(x + conv2(drop(SiLU(norm2'(conv1(SiLU(norm1(x))), temb))))) / output_scale_factor``, with a 1x1
     ``conv_shortcut`` on x when the channels change. norm2' is ``GN(h + proj(SiLU(temb)))`` ("default",
-    the add outside the op since it moves the group statistics) or ``GN(h) * (1 + scale) + shift``
-    ("scale_shift", fused)."""
+    the embedding as the op's pre_shift) or ``GN(h) * (1 + scale) + shift`` ("scale_shift"), both fused;
+    a scale factor of 1 is not divided by (a pass over memory for nothing)."""
 
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, eps: float, groups: int,
                  dropout: float, time_embedding_norm: str, output_scale_factor: float):
@@ -106,11 +106,11 @@ class ResnetBlock2D(nn.Module):
             scale, shift = (c.contiguous() for c in t.chunk(2, dim=1))
             h = self.norm2(h, scale, shift)                            # SiLU(GN(h) * (1 + scale) + shift)
         else:
-            h = self.norm2(h + t[:, :, None, None])                    # SiLU(GN(h + t))
+            h = self.norm2(h, pre_shift=t)                             # SiLU(GN(h + t))
         h = self.conv2(self.dropout(h))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
-        return (x + h) / self.output_scale_factor
+        return x + h if self.output_scale_factor == 1 else (x + h) / self.output_scale_factor
 
 
 class SpatialSelfAttention(nn.Module):
@@ -150,7 +150,7 @@ class SpatialSelfAttention(nn.Module):
         a = ops.attention(heads(self.to_q(h)), heads(self.to_k(h)), heads(self.to_v(h)))  # (B, heads, T, d)
         a = self.to_out[1](self.to_out[0](a.transpose(1, 2).reshape(b, hgt * wid, c)))   # (B, T, C)
         a = a.transpose(1, 2).reshape(b, c, hgt, wid)
-        return (a + x) / self.rescale_output_factor
+        return a + x if self.rescale_output_factor == 1 else (a + x) / self.rescale_output_factor
 
 
 class Downsample2D(nn.Module):

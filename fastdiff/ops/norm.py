@@ -5,11 +5,19 @@ CPU path, Triton routing, autograd."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from fastdiff.ops.norm_cpu import (
+    compile_decomposes,
+    group_norm_modulate_decomposed,
+    group_norm_modulate_native,
+    layer_norm_modulate_decomposed,
+    layer_norm_modulate_native,
+)
 from fastdiff.ops.routing import (
     ACTIVATIONS,
     _check_backend,
@@ -20,6 +28,36 @@ from fastdiff.ops.routing import (
     current_backend,
     use_triton,
 )
+
+
+def _check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a finite number > 0 (it is added to the variance), got {eps!r}")
+    return float(eps)
+
+
+def _check_triton_dtype(x: Tensor, backend: Optional[str]) -> None:
+    if x.dtype == torch.float64 and current_backend(backend) == "triton":
+        raise ValueError("x is float64, which the Triton kernels would compute at float32 accuracy; use "
+                         "backend='auto' or 'reference' (float64 statistics)")
+
+
+# A row of shifted data whose max |d| passes this is divided by a power of two near that max before the
+# moments: its squares would overflow float32 (past ~1e19), the scaled ones cannot.
+_SCALE_ABOVE = 2.0**40
+
+
+def _moments(d: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(mean, rstd) of d over its last dim (kept), in d's dtype, rstd = 1 / sqrt(var + eps).
+
+    A row with max |d| past ``_SCALE_ABOVE`` is divided by a power of two (exactly) before the moments;
+    mean and rstd come back in the units of d, where they stay finite (|mean| <= max |d|, rstd >=
+    1 / (2 max |d|)), so |x| ~ 1e30 normalises correctly instead of to 0.
+    """
+    amax = d.abs().amax(-1, keepdim=True)
+    scale = torch.where(amax > _SCALE_ABOVE, torch.ldexp(torch.ones_like(amax), torch.frexp(amax)[1]), 1.0)
+    var, mean = torch.var_mean(d / scale, dim=-1, unbiased=False, keepdim=True)
+    return mean * scale, torch.rsqrt(var + eps / scale.square()) / scale
 
 
 def _gn_shifted(x: Tensor, num_groups: int, pre_shift: Optional[Tensor]) -> Tensor:
@@ -45,9 +83,8 @@ def _gn_normalize(x: Tensor, num_groups: int, eps: float,
     compute dtype, from shifted data (:func:`_gn_shifted`)."""
     n, c = x.shape[:2]
     d = _gn_shifted(x, num_groups, pre_shift)
-    d = d - d.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(d.square().mean(-1, keepdim=True) + eps)
-    return (d * rstd).reshape(n, c, -1), rstd
+    mean, rstd = _moments(d, eps)
+    return ((d - mean) * rstd).reshape(n, c, -1), rstd
 
 
 def _gn_affine_modulate(xhat, weight, bias, scale, shift):
@@ -76,9 +113,7 @@ def group_norm_modulate_reference(x, num_groups, weight=None, bias=None, scale=N
     n, c = x.shape[:2]
     cd = _compute_dtype(x.dtype)
     d = _gn_shifted(x, num_groups, pre_shift)  # d is kept, the pivot is not
-    var, mean = torch.var_mean(d, dim=-1, unbiased=False)  # (N, G)
-    rstd = torch.rsqrt(var + eps).repeat_interleave(c // num_groups, dim=1)  # (N, C)
-    mean = mean.repeat_interleave(c // num_groups, dim=1)
+    mean, rstd = (t[..., 0].repeat_interleave(c // num_groups, dim=1) for t in _moments(d, eps))  # (N, C)
     alpha = rstd if weight is None else rstd * weight.to(cd)
     beta = torch.zeros_like(alpha) if bias is None else bias.to(cd).expand(n, c)
     if scale is not None:
@@ -93,78 +128,6 @@ def group_norm_modulate_reference(x, num_groups, weight=None, bias=None, scale=N
     out = torch.empty_like(x)
     out.copy_(z.reshape(x.shape))
     return out
-
-
-def _modulate_inplace(y: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], activation=None) -> Tensor:
-    """``act(y * (1 + scale) + shift)`` written into y; scale/shift already shaped to broadcast over y."""
-    if scale is not None and shift is not None:
-        torch.addcmul(shift, y, 1 + scale, out=y)
-    elif scale is not None:
-        y.mul_(1 + scale)
-    elif shift is not None:
-        y.add_(shift)
-    if activation == "silu":
-        torch.nn.functional.silu(y, inplace=True)
-    return y
-
-
-# ATen accumulates a float32 input's moments in float32, so its output error grows with the offset of a
-# group, about 5e-8 * |mean| / std: where that ratio passes this limit (error 1e-6), the native paths
-# recompute on pivot-shifted data (see _gn_normalize). Measured: 9e-7 at 16, 5e-4 at 1e4.
-_NATIVE_OFFSET_LIMIT = 16.0
-
-
-def _dense(x: Tensor) -> Tensor:
-    """x itself when it is contiguous as NCHW or channels_last (what ATen's GroupNorm reads), else a copy.
-
-    A channels_last tensor must also have the canonical strides: with N = 1 a slice can pass
-    ``is_contiguous(memory_format=...)`` while ATen's stride-based format guess calls it neither format.
-    """
-    if x.is_contiguous():
-        return x
-    if x.dim() in (4, 5):
-        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-        if x.is_contiguous(memory_format=fmt):
-            c, spatial = x.shape[1], x.shape[2:]
-            inner = [c * math.prod(spatial[i + 1:]) for i in range(len(spatial))]  # NHWC: W*C, C
-            canonical = (c * math.prod(spatial), 1, *inner)
-            return x if x.stride() == canonical else x.clone(memory_format=fmt)
-    return x.contiguous()
-
-
-def _offset_too_large(x: Tensor, mean: Tensor, rstd: Tensor) -> bool:
-    return x.dtype == torch.float32 and bool((mean.abs() * rstd).amax() > _NATIVE_OFFSET_LIMIT)
-
-
-def group_norm_modulate_native(x, num_groups, weight=None, bias=None, scale=None, shift=None, eps=1e-5,
-                               activation=None, pre_shift=None):
-    """The ``auto`` path off CUDA: ATen's GroupNorm (Welford moments, float32 for half types, NCHW or
-    channels_last), then the modulation and activation in place on its output.
-
-    Two passes over x instead of the reference's six; the modulation runs in x's dtype, as in ADM's
-    own ``out_norm(h) * (1 + scale) + shift``. A pre_shift is added in x's dtype first (one more pass, as
-    diffusers' ``norm2(h + temb)``). A float32 group whose mean is far from zero relative to its spread
-    is recomputed on shifted data (``_NATIVE_OFFSET_LIMIT``).
-    """
-    n, c = x.shape[:2]
-    bcast = (slice(None), slice(None)) + (None,) * (x.dim() - 2)
-    x = _dense(x)
-    if pre_shift is not None:
-        u = _dense(x + pre_shift[bcast])
-        y, mean, rstd = torch.ops.aten.native_group_norm(u, weight, bias, n, c, x.numel() // (n * c),
-                                                         num_groups, eps)
-        if _offset_too_large(u, mean, rstd):  # x + pre_shift was rounded as a whole: recompute shifted
-            y = group_norm_modulate_reference(x, num_groups, weight, bias, None, None, eps, None, pre_shift)
-        return _modulate_inplace(y, None if scale is None else scale[bcast],
-                                 None if shift is None else shift[bcast], activation)
-    y, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, n, c, x.numel() // (n * c), num_groups,
-                                                     eps)
-    if _offset_too_large(x, mean, rstd):
-        pivot = x[(slice(None), slice(None, None, c // num_groups)) + (0,) * (x.dim() - 2)]  # (N, G)
-        y = torch.nn.functional.group_norm(x - pivot.repeat_interleave(c // num_groups, dim=1)[bcast],
-                                           num_groups, weight, bias, eps)
-    return _modulate_inplace(y, None if scale is None else scale[bcast], None if shift is None else shift[bcast],
-                             activation)
 
 
 def group_norm_modulate_backward_reference(grad, x, num_groups, weight, bias, scale, shift, eps,
@@ -206,7 +169,7 @@ def _group_norm_modulate_op(x: Tensor, num_groups: int, weight: Optional[Tensor]
     if x.numel() == 0:
         return torch.empty_like(x)
     args = (x, num_groups, weight, bias, scale, shift, eps, activation, pre_shift)
-    if use_triton(x, backend):
+    if use_triton(x, backend) and x.dtype != torch.float64:  # float64 under "auto" on CUDA: ATen's float64 GN
         from fastdiff.kernels.modulated_norm import group_norm_modulate_forward
         return group_norm_modulate_forward(*args)
     if current_backend(backend) == "auto":
@@ -225,7 +188,12 @@ def _group_norm_modulate_backward_op(
         scale: Optional[Tensor], shift: Optional[Tensor], pre_shift: Optional[Tensor], eps: float,
         activation: Optional[str], backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     args = (grad, x, num_groups, weight, bias, scale, shift, eps, activation, pre_shift)
-    if use_triton(x, backend) and x.numel() > 0:
+    if x.numel() == 0:
+        n, c = x.shape[:2]
+        zeros = lambda t, shape: x.new_zeros(shape, dtype=t.dtype if t is not None else x.dtype)
+        return (torch.zeros_like(x), zeros(weight, (c,)), zeros(bias, (c,)), zeros(scale, (n, c)),
+                zeros(shift, (n, c)), zeros(pre_shift, (n, c)))
+    if use_triton(x, backend) and x.dtype != torch.float64:
         from fastdiff.kernels.modulated_norm import group_norm_modulate_backward
         return group_norm_modulate_backward(*args)
     return group_norm_modulate_backward_reference(*args)
@@ -272,17 +240,19 @@ def group_norm_modulate(x: Tensor, num_groups: int, weight: Optional[Tensor] = N
     ``x + pre_shift`` is not returned (and not materialised on the Triton path).
 
     Args:
-        x: (N, C, *spatial), spatial rank 1, 2 or 3; float16, bfloat16, float32 (or float64 on the
-            reference path); NCHW or channels_last; the output keeps x's dtype and memory format.
+        x: (N, C, *spatial), spatial rank 1, 2 or 3; float16, bfloat16, float32, or float64 (not on the
+            "triton" backend); NCHW or channels_last; the output keeps x's dtype and memory format.
         num_groups: divides C.
         weight, bias: (C,) GroupNorm affine, x's dtype or float32, or None.
         scale, shift: (N, C) per-sample modulation in x's dtype, or None.
-        eps: added to the variance.
+        eps: added to the variance; a finite number > 0.
         activation: None or "silu".
         backend: None (follow the switch), "auto", "triton" or "reference".
         pre_shift: (N, C) in x's dtype, added to x before the statistics (keyword only), or None. Its
             gradient is the spatial sum of x's.
-    Statistics are float32 (float64 for float64 input); NaN in one sample stays in that sample.
+    Statistics are float32 (float64 for float64 input) on data shifted by each group's first element, and
+    scaled by a power of two where the squares would overflow (|x| ~ 1e30 normalises correctly); NaN in
+    one group stays in that group.
     """
     if not isinstance(x, Tensor):
         raise ValueError(f"x must be a tensor, got {type(x).__name__}")
@@ -301,10 +271,13 @@ def group_norm_modulate(x: Tensor, num_groups: int, weight: Optional[Tensor] = N
     _check_vector(pre_shift, "pre_shift", x, (n, c), same_dtype=True)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    eps = _check_eps(eps)
     if backend is not None:
         _check_backend(backend)
-    return _group_norm_modulate_op(x, num_groups, weight, bias, scale, shift, pre_shift, float(eps), activation,
-                                   backend)
+    _check_triton_dtype(x, backend)
+    if compile_decomposes(x, backend):  # torch.compile on the CPU: aten ops that inductor fuses
+        return group_norm_modulate_decomposed(x, num_groups, weight, bias, scale, shift, eps, activation, pre_shift)
+    return _group_norm_modulate_op(x, num_groups, weight, bias, scale, shift, pre_shift, eps, activation, backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,9 +289,8 @@ def _ln_normalize(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """LayerNorm without affine over the last dim: (xhat, rstd) in the compute dtype."""
     xf = x.to(_compute_dtype(x.dtype))
     d = xf - xf[..., :1]  # shifted data, as in _gn_normalize
-    d = d - d.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(d.square().mean(-1, keepdim=True) + eps)
-    return d * rstd, rstd
+    mean, rstd = _moments(d, eps)
+    return (d - mean) * rstd, rstd
 
 
 def _ln_affine_modulate(xhat, weight, bias, scale, shift):
@@ -342,19 +314,6 @@ def layer_norm_modulate_reference(x, scale=None, shift=None, weight=None, bias=N
     out = torch.empty_like(x)
     out.copy_(z)
     return out
-
-
-def layer_norm_modulate_native(x, scale=None, shift=None, weight=None, bias=None, eps=1e-6):
-    """The ``auto`` path off CUDA: ATen's LayerNorm and the modulation in place on its output (a float32
-    row far from zero mean is recomputed shifted by its first feature, as in group_norm_modulate_native)."""
-    y, mean, rstd = torch.ops.aten.native_layer_norm(x, x.shape[-1:], weight, bias, eps)
-    if _offset_too_large(x, mean, rstd):
-        y = torch.nn.functional.layer_norm(x - x[..., :1], x.shape[-1:], weight, bias, eps)
-    y = _modulate_inplace(y, None if scale is None else scale[:, None, :],
-                          None if shift is None else shift[:, None, :])
-    if not x.is_contiguous():  # ATen's output is contiguous; the op's (and its fake's) is laid out like x
-        y = torch.empty_like(x).copy_(y)
-    return y
 
 
 def layer_norm_modulate_backward_reference(grad, x, scale, shift, weight, bias, eps):
@@ -382,7 +341,7 @@ def _layer_norm_modulate_op(x: Tensor, scale: Optional[Tensor], shift: Optional[
                             backend: Optional[str]) -> Tensor:
     if x.numel() == 0:
         return torch.empty_like(x)
-    if use_triton(x, backend):
+    if use_triton(x, backend) and x.dtype != torch.float64:
         from fastdiff.kernels.modulated_norm import layer_norm_modulate_forward
         return layer_norm_modulate_forward(x, scale, shift, weight, bias, eps)
     if current_backend(backend) == "auto":
@@ -399,7 +358,12 @@ def _(x, scale, shift, weight, bias, eps, backend):
 def _layer_norm_modulate_backward_op(
         grad: Tensor, x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], weight: Optional[Tensor],
         bias: Optional[Tensor], eps: float, backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if use_triton(x, backend) and x.numel() > 0:
+    if x.numel() == 0:
+        n, _, d = x.shape
+        zeros = lambda t, shape: x.new_zeros(shape, dtype=t.dtype if t is not None else x.dtype)
+        return (torch.zeros_like(x), zeros(scale, (n, d)), zeros(shift, (n, d)), zeros(weight, (d,)),
+                zeros(bias, (d,)))
+    if use_triton(x, backend) and x.dtype != torch.float64:
         from fastdiff.kernels.modulated_norm import layer_norm_modulate_backward
         return layer_norm_modulate_backward(grad, x, scale, shift, weight, bias, eps)
     return layer_norm_modulate_backward_reference(grad, x, scale, shift, weight, bias, eps)
@@ -438,10 +402,10 @@ def layer_norm_modulate(x: Tensor, *, scale: Optional[Tensor] = None, shift: Opt
     Keyword-only because DiT's own ``modulate`` takes shift before scale.
 
     Args:
-        x: (N, L, D) tokens; float16, bfloat16, float32 (float64 on the reference path).
+        x: (N, L, D) tokens; float16, bfloat16, float32, or float64 (not on the "triton" backend).
         scale, shift: (N, D) in x's dtype, or None (None for both is a plain LayerNorm).
         weight, bias: (D,) LayerNorm affine (DiT uses none), x's dtype or float32, or None.
-        eps: added to the variance (DiT: 1e-6).
+        eps: added to the variance (DiT: 1e-6); a finite number > 0.
         backend: None (follow the switch), "auto", "triton" or "reference".
     """
     if not isinstance(x, Tensor):
@@ -454,6 +418,10 @@ def layer_norm_modulate(x: Tensor, *, scale: Optional[Tensor] = None, shift: Opt
     _check_vector(shift, "shift", x, (n, d), same_dtype=True)
     _check_vector(weight, "weight", x, (d,), same_dtype=False)
     _check_vector(bias, "bias", x, (d,), same_dtype=False)
+    eps = _check_eps(eps)
     if backend is not None:
         _check_backend(backend)
-    return _layer_norm_modulate_op(x, scale, shift, weight, bias, float(eps), backend)
+    _check_triton_dtype(x, backend)
+    if compile_decomposes(x, backend):
+        return layer_norm_modulate_decomposed(x, scale, shift, weight, bias, eps)
+    return _layer_norm_modulate_op(x, scale, shift, weight, bias, eps, backend)
