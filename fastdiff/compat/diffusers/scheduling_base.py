@@ -345,13 +345,17 @@ class _TableScheduler(SchedulerMixin, ConfigMixin):
         if rescale_betas_zero_snr and clamp_terminal:
             self.alphas_cumprod[-1] = 2 ** -24  # diffusers: so that sigma is finite
         self.num_inference_steps = None
-        self._step_index = None
-        self._begin_index = None
-        self._reset_state()
+        self._start_run()
 
     def _train_sigmas(self) -> np.ndarray:
         """diffusers' ``((1 - abar) / abar) ** 0.5`` in float32, as a numpy array."""
         return (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
+
+    def _start_run(self) -> None:
+        """A new run: no step or begin index yet, and none of the last run's tables or history."""
+        self._step_index = None
+        self._begin_index = None
+        self._reset_state()
 
     def _reset_state(self) -> None:
         self._run_start = None

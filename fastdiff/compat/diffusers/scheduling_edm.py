@@ -109,9 +109,7 @@ class EDMEulerScheduler(_EDMScheduler):
         self.timesteps = self.precondition_noise(sigmas)
         self.sigmas = torch.cat([sigmas, torch.full((1,), fill_value=float(self._final(sigmas)))])
         self.is_scale_input_called = False
-        self._step_index = None
-        self._begin_index = None
-        self._reset_state()
+        self._start_run()
 
     def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None, sigmas=None):
         self.num_inference_steps = num_inference_steps
@@ -127,9 +125,7 @@ class EDMEulerScheduler(_EDMScheduler):
         self.timesteps = self.precondition_noise(sig)
         last = torch.full((1,), fill_value=float(self._final(sig)), device=sig.device)
         self.sigmas = torch.cat([sig, last]).to("cpu")
-        self._step_index = None
-        self._begin_index = None
-        self._reset_state()
+        self._start_run()
 
     def _build_table(self, given_x0: bool = False, s_churn: float = 0.0, s_tmin: float = 0.0,
                      s_tmax: float = float("inf"), s_noise: float = 1.0) -> S.SamplerTable:
@@ -220,9 +216,7 @@ class EDMDPMSolverMultistepScheduler(_EDMScheduler):
         self.sigmas = torch.cat([sigmas, torch.zeros(1)]).to("cpu")
         self.num_inference_steps = None
         self.lower_order_nums = 0
-        self._step_index = None
-        self._begin_index = None
-        self._reset_state()
+        self._start_run()
 
     def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None):
         if num_inference_steps is None or num_inference_steps < 1:
@@ -236,9 +230,7 @@ class EDMDPMSolverMultistepScheduler(_EDMScheduler):
         last = self.config.sigma_min if kind == "sigma_min" else 0
         self.sigmas = torch.cat([sig, torch.tensor([last], dtype=torch.float32, device=device)]).to("cpu")
         self.lower_order_nums = 0
-        self._step_index = None
-        self._begin_index = None
-        self._reset_state()
+        self._start_run()
 
     def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
         if schedule_timesteps is None:

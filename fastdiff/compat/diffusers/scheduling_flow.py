@@ -184,9 +184,7 @@ class FlowMatchEulerDiscreteScheduler(_FlowScheduler):
             sigmas = torch.cat([sigmas, torch.zeros(1, device=sigmas.device)])
         self.timesteps = timesteps
         self.sigmas = sigmas
-        self._step_index = None
-        self._begin_index = None
-        self._reset_state()
+        self._start_run()
 
     def _build_table(self, stochastic: bool = False) -> S.SamplerTable:
         s = _host(self.sigmas)
@@ -261,9 +259,7 @@ class FlowMatchHeunDiscreteScheduler(_FlowScheduler):
         sigmas = torch.cat([sigmas, torch.zeros(1, device=sigmas.device)])
         self._step_sigmas = sigmas
         self.sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]])
-        self._step_index = None
-        self._begin_index = None
-        self._reset_state()
+        self._start_run()
 
     @property
     def state_in_first_order(self) -> bool:

@@ -79,9 +79,7 @@ class _KDPM2Base(_SigmaScheduler):
 
     def _set_state(self) -> None:
         self.sample = None
-        self._step_index = None
-        self._begin_index = None
-        self._reset_state()
+        self._start_run()
 
     def scale_model_input(self, sample: Tensor, timestep=None) -> Tensor:
         """``sample / sqrt(sigma^2 + 1)`` at the call's sigma (the midpoint in a step's second call)."""

@@ -100,9 +100,7 @@ class _ConsistencyScheduler(_VPScheduler):
             ts = origin[idx]
             self.custom_timesteps = False
         self.timesteps = torch.from_numpy(ts).to(device=device, dtype=torch.long)
-        self._step_index = None
-        self._begin_index = None
-        self._reset_state()
+        self._start_run()
 
     def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
         if schedule_timesteps is None:

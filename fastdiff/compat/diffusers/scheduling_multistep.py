@@ -119,9 +119,7 @@ class _MultistepScheduler(_VPScheduler):
         self.timesteps = torch.from_numpy(np.asarray(ts)).to(device=device, dtype=torch.int64)
         self.num_inference_steps = len(ts)
         self.lower_order_nums = 0
-        self._step_index = None
-        self._begin_index = None
-        self._reset_state()
+        self._start_run()
 
     def _orders(self, start: int, final_rule) -> list:
         """diffusers' per-step order: warm-up from the run's start, lower orders at the end."""

@@ -108,9 +108,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
             self.timesteps = torch.Tensor([0.25 * s.log() for s in self.sigmas[:-1]]).to(device=device)
         else:
             self.timesteps = torch.from_numpy(np.asarray(ts).astype(np.float32)).to(device=device)
-        self._step_index = None
-        self._begin_index = None
-        self._reset_state()
+        self._start_run()
 
     def _build_table(self, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
                      s_noise: float = 1.0) -> S.SamplerTable:
@@ -191,9 +189,7 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
         sig, ts = self._sigma_layout(num_inference_steps, ts, False, False, False)
         self.sigmas = torch.from_numpy(np.concatenate([sig, [0.0]]).astype(np.float32))
         self.timesteps = torch.from_numpy(ts).to(device=device)
-        self._step_index = None
-        self._begin_index = None
-        self._reset_state()
+        self._start_run()
 
     def _build_table(self) -> S.SamplerTable:
         with S.lenient():
@@ -257,9 +253,7 @@ class HeunDiscreteScheduler(_SigmaScheduler):
         ts = torch.from_numpy(np.asarray(ts))
         ts = torch.cat([ts[:1], ts[1:].repeat_interleave(2)])
         self.timesteps = ts.to(device=device, dtype=torch.float32)
-        self._step_index = None
-        self._begin_index = None
-        self._reset_state()
+        self._start_run()
 
     @property
     def state_in_first_order(self) -> bool:
@@ -310,10 +304,8 @@ class LMSDiscreteScheduler(_SigmaScheduler):
                                      cfg.use_exponential_sigmas, cfg.use_beta_sigmas)
         self.sigmas = torch.from_numpy(np.concatenate([sig, [0.0]]).astype(np.float32))
         self.timesteps = torch.from_numpy(np.asarray(ts)).to(device=device, dtype=torch.float32)
-        self._step_index = None
-        self._begin_index = None
         self._order_used = None
-        self._reset_state()
+        self._start_run()
 
     def _build_table(self, order: int = 4) -> S.SamplerTable:
         with S.lenient():
