@@ -311,6 +311,7 @@ class _TableScheduler(SchedulerMixin, ConfigMixin):
     _warmup = False          # multistep: the table starts where the run starts
     _needs_set_timesteps = False  # step before set_timesteps raises, as diffusers' multistep solvers do
     _rowwise = False         # True: the row of each call is built from the scheduler's state (LCM, KDPM2, ...)
+    _unknown_timestep_last = False  # index_for_timestep of a timestep not in the schedule: the last step
 
     @classmethod
     def _get_compatibles(cls) -> list:
@@ -380,11 +381,14 @@ class _TableScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index = begin_index
 
     def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
-        """Index of ``timestep`` in ``schedule_timesteps`` (the second match if it repeats)."""
+        """Index of ``timestep`` in ``schedule_timesteps`` (the second match if it repeats). A timestep not in
+        it is an error, or the last step where ``_unknown_timestep_last`` (diffusers' multistep solvers)."""
         if schedule_timesteps is None:
             schedule_timesteps = self.timesteps
         idx = (schedule_timesteps == timestep).nonzero()
         if len(idx) == 0:
+            if self._unknown_timestep_last:
+                return len(self.timesteps) - 1
             raise ValueError(f"timestep {timestep!r} is not one of scheduler.timesteps")
         return int(idx[1 if len(idx) > 1 else 0].item())
 

@@ -191,6 +191,7 @@ class EDMDPMSolverMultistepScheduler(_EDMScheduler):
     _x0_output = False
     _warmup = True
     _needs_set_timesteps = True
+    _unknown_timestep_last = True
 
     @register_to_config
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5,
@@ -231,14 +232,6 @@ class EDMDPMSolverMultistepScheduler(_EDMScheduler):
         self.sigmas = torch.cat([sig, torch.tensor([last], dtype=torch.float32, device=device)]).to("cpu")
         self.lower_order_nums = 0
         self._start_run()
-
-    def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
-        if schedule_timesteps is None:
-            schedule_timesteps = self.timesteps
-        idx = (schedule_timesteps == timestep).nonzero()
-        if len(idx) == 0:
-            return len(self.timesteps) - 1
-        return int(idx[1 if len(idx) > 1 else 0].item())
 
     def _build_table(self, start: int = 0) -> S.SamplerTable:
         cfg, n = self.config, len(self.timesteps)

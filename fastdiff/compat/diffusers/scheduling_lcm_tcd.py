@@ -102,14 +102,6 @@ class _ConsistencyScheduler(_VPScheduler):
         self.timesteps = torch.from_numpy(ts).to(device=device, dtype=torch.long)
         self._start_run()
 
-    def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
-        if schedule_timesteps is None:
-            schedule_timesteps = self.timesteps
-        idx = (schedule_timesteps == timestep).nonzero()
-        if len(idx) == 0:
-            raise ValueError(f"timestep {timestep!r} is not one of scheduler.timesteps")
-        return int(idx[1 if len(idx) > 1 else 0].item())
-
     def previous_timestep(self, timestep):
         if self.custom_timesteps or self.num_inference_steps:
             index = (self.timesteps == timestep).nonzero(as_tuple=True)[0][0]

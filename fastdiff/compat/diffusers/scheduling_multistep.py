@@ -51,6 +51,7 @@ class _MultistepScheduler(_VPScheduler):
     _upcast = True
     _warmup = True
     _needs_set_timesteps = True
+    _unknown_timestep_last = True  # as diffusers' multistep schedulers
     _compatibles = KARRAS_SCHEDULERS
 
     @property
@@ -143,15 +144,6 @@ class _MultistepScheduler(_VPScheduler):
         sigma = _bcast(sigmas[self._step_indices(timesteps, original_samples.device)].flatten(), original_samples)
         alpha, sigma_t = self._sigma_to_alpha_sigma_t(sigma)
         return alpha * original_samples + sigma_t * noise
-
-    def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
-        """As diffusers' multistep schedulers: a timestep not in the schedule maps to the last step."""
-        if schedule_timesteps is None:
-            schedule_timesteps = self.timesteps
-        idx = (schedule_timesteps == timestep).nonzero()
-        if len(idx) == 0:
-            return len(self.timesteps) - 1
-        return int(idx[1 if len(idx) > 1 else 0].item())
 
     def _model_x0_output(self, model_output: Tensor, sample: Tensor) -> Tensor:
         if getattr(self.config, "variance_type", None) in ("learned", "learned_range"):
