@@ -329,6 +329,27 @@ class _TableScheduler(SchedulerMixin, ConfigMixin):
                 out.append(c)
         return out
 
+    # -- config -----------------------------------------------------------------------------------
+
+    def _remap_config(self, key: str, value, supported: tuple, aliases: tuple, to, label: str = "") -> None:
+        """diffusers' remapping of another solver's config value: one in ``supported`` stays, one in ``aliases``
+        becomes ``to`` in the config, anything else is NotImplementedError."""
+        if value in supported:
+            return
+        if value not in aliases:
+            raise NotImplementedError(f"{label}{value} is not implemented for {type(self).__name__}")
+        self.register_to_config(**{key: to})
+
+    def _check_dpm_solver(self, algorithm_type: str, solver_type: str, final_sigmas_type: str,
+                          algorithms: tuple) -> None:
+        """The DPM-Solver family's config (multistep, singlestep, EDM): ``deis`` runs as ``dpmsolver++`` and
+        another solver's type as ``midpoint``; the noise-prediction forms need a nonzero final sigma."""
+        self._remap_config("algorithm_type", algorithm_type, algorithms, ("deis",), "dpmsolver++")
+        self._remap_config("solver_type", solver_type, ("midpoint", "heun"), ("logrho", "bh1", "bh2"), "midpoint")
+        if self.config.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++") and final_sigmas_type == "zero":
+            raise ValueError(f"`final_sigmas_type` {final_sigmas_type} is not supported for `algorithm_type` "
+                             f"{self.config.algorithm_type}. Please choose `sigma_min` instead.")
+
     # -- schedule ---------------------------------------------------------------------------------
 
     def _init_schedule(self, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,

@@ -201,16 +201,7 @@ class EDMDPMSolverMultistepScheduler(_EDMScheduler):
                  sample_max_value: float = 1.0, algorithm_type: str = "dpmsolver++",
                  solver_type: str = "midpoint", lower_order_final: bool = True, euler_at_final: bool = False,
                  final_sigmas_type: str = "zero"):
-        if algorithm_type not in ("dpmsolver++", "sde-dpmsolver++"):
-            if algorithm_type == "deis":
-                self.register_to_config(algorithm_type="dpmsolver++")
-            else:
-                raise NotImplementedError(f"{algorithm_type} is not implemented for {type(self).__name__}")
-        if solver_type not in ("midpoint", "heun"):
-            if solver_type in ("logrho", "bh1", "bh2"):
-                self.register_to_config(solver_type="midpoint")
-            else:
-                raise NotImplementedError(f"{solver_type} is not implemented for {type(self).__name__}")
+        self._check_dpm_solver(algorithm_type, solver_type, final_sigmas_type, ("dpmsolver++", "sde-dpmsolver++"))
         ramp = torch.linspace(0, 1, num_train_timesteps)
         sigmas = self._ramp_sigmas(ramp)
         self.timesteps = self.precondition_noise(sigmas)

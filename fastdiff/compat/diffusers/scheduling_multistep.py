@@ -177,19 +177,7 @@ class DPMSolverMultistepScheduler(_MultistepScheduler):
                  time_shift_type: str = "exponential"):
         self._init_multistep(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                              prediction_type, rescale_betas_zero_snr)
-        if algorithm_type not in S.DPM_ALGORITHMS:  # diffusers' remapping of other solvers' configs
-            if algorithm_type == "deis":
-                self.register_to_config(algorithm_type="dpmsolver++")
-            else:
-                raise NotImplementedError(f"{algorithm_type} is not implemented for {type(self).__name__}")
-        if solver_type not in ("midpoint", "heun"):
-            if solver_type in ("logrho", "bh1", "bh2"):
-                self.register_to_config(solver_type="midpoint")
-            else:
-                raise NotImplementedError(f"{solver_type} is not implemented for {type(self).__name__}")
-        if self.config.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++") and final_sigmas_type == "zero":
-            raise ValueError(f"`final_sigmas_type` {final_sigmas_type} is not supported for `algorithm_type` "
-                             f"{self.config.algorithm_type}. Please choose `sigma_min` instead.")
+        self._check_dpm_solver(algorithm_type, solver_type, final_sigmas_type, S.DPM_ALGORITHMS)
 
     def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None, mu=None, timesteps=None):
         cfg = self.config
@@ -285,11 +273,7 @@ class UniPCMultistepScheduler(_MultistepScheduler):
             raise ValueError("`shift_terminal` is only supported when `use_flow_sigmas=True`.")
         self._init_multistep(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                              prediction_type, rescale_betas_zero_snr)
-        if solver_type not in ("bh1", "bh2"):
-            if solver_type in ("midpoint", "heun", "logrho"):
-                self.register_to_config(solver_type="bh2")
-            else:
-                raise NotImplementedError(f"{solver_type} is not implemented for {type(self).__name__}")
+        self._remap_config("solver_type", solver_type, ("bh1", "bh2"), ("midpoint", "heun", "logrho"), "bh2")
         self.predict_x0 = predict_x0
         self.disable_corrector = disable_corrector
         self.solver_p = None
@@ -381,17 +365,9 @@ class DEISMultistepScheduler(_MultistepScheduler):
                  time_shift_type: str = "exponential"):
         self._init_multistep(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                              prediction_type)
-        if algorithm_type != "deis":
-            if algorithm_type in ("dpmsolver", "dpmsolver++"):
-                self.register_to_config(algorithm_type="deis")
-            else:
-                raise NotImplementedError(f"{algorithm_type} is not implemented for {type(self).__name__}")
-        if solver_type != "logrho":
-            if solver_type in ("midpoint", "heun", "bh1", "bh2"):
-                self.register_to_config(solver_type="logrho")
-            else:
-                raise NotImplementedError(f"solver type {solver_type} is not implemented for "
-                                          f"{type(self).__name__}")
+        self._remap_config("algorithm_type", algorithm_type, ("deis",), ("dpmsolver", "dpmsolver++"), "deis")
+        self._remap_config("solver_type", solver_type, ("logrho",), ("midpoint", "heun", "bh1", "bh2"), "logrho",
+                           label="solver type ")
 
     def set_timesteps(self, num_inference_steps: int, device=None, mu=None):
         cfg = self.config

@@ -51,19 +51,8 @@ class DPMSolverSinglestepScheduler(_MultistepScheduler):
                  time_shift_type: str = "exponential"):
         self._init_multistep(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                              prediction_type)
-        if algorithm_type not in ("dpmsolver", "dpmsolver++", "sde-dpmsolver++"):
-            if algorithm_type == "deis":
-                self.register_to_config(algorithm_type="dpmsolver++")
-            else:
-                raise NotImplementedError(f"{algorithm_type} is not implemented for {type(self).__name__}")
-        if solver_type not in ("midpoint", "heun"):
-            if solver_type in ("logrho", "bh1", "bh2"):
-                self.register_to_config(solver_type="midpoint")
-            else:
-                raise NotImplementedError(f"{solver_type} is not implemented for {type(self).__name__}")
-        if self.config.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++") and final_sigmas_type == "zero":
-            raise ValueError(f"`final_sigmas_type` {final_sigmas_type} is not supported for `algorithm_type` "
-                             f"{self.config.algorithm_type}. Please choose `sigma_min` instead.")
+        self._check_dpm_solver(algorithm_type, solver_type, final_sigmas_type,
+                               ("dpmsolver", "dpmsolver++", "sde-dpmsolver++"))
         self.sample = None
         self.order_list = self.get_order_list(num_train_timesteps)
 
