@@ -471,6 +471,23 @@ class _TableScheduler(SchedulerMixin, ConfigMixin):
         key = ("run",) + tuple(sorted(options.items()))
         return self._cached(key, lambda: self._build_table(**options), device)
 
+    def _orders(self, start: int, final_rule) -> list:
+        """diffusers' per-step order of a multistep solver (``solver_order``, ``lower_order_final``): warm-up
+        from the run's start, lower orders at the end (``final_rule``: the last step is first order)."""
+        cfg, n = self.config, len(self.timesteps)
+        out = []
+        for i in range(start, n):
+            done = min(i - start, cfg.solver_order)
+            last = i == n - 1 and final_rule
+            second = i == n - 2 and cfg.lower_order_final and n < 15
+            if cfg.solver_order == 1 or done < 1 or last:
+                out.append(1)
+            elif cfg.solver_order == 2 or done < 2 or second:
+                out.append(2)
+            else:
+                out.append(3)
+        return out
+
     # -- rows -------------------------------------------------------------------------------------
 
     def _rows(self, timestep, n: int, device, options: dict):

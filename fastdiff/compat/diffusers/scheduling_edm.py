@@ -227,19 +227,10 @@ class EDMDPMSolverMultistepScheduler(_EDMScheduler):
     def _build_table(self, start: int = 0) -> S.SamplerTable:
         cfg, n = self.config, len(self.timesteps)
         final_rule = cfg.euler_at_final or (cfg.lower_order_final and n < 15) or cfg.final_sigmas_type == "zero"
-        orders = []
-        for i in range(start, n):
-            done = min(i - start, cfg.solver_order)
-            second = i == n - 2 and cfg.lower_order_final and n < 15
-            if cfg.solver_order == 1 or done < 1 or (i == n - 1 and final_rule):
-                orders.append(1)
-            elif cfg.solver_order == 2 or done < 2 or second:
-                orders.append(2)
-            else:
-                orders.append(3)
         with S.lenient():
-            return S.dpm_multistep(_host(self.sigmas)[start:], orders=orders, algorithm_type=cfg.algorithm_type,
-                                   solver_type=cfg.solver_type, timesteps=_host(self.timesteps)[start:])
+            return S.dpm_multistep(_host(self.sigmas)[start:], orders=self._orders(start, final_rule),
+                                   algorithm_type=cfg.algorithm_type, solver_type=cfg.solver_type,
+                                   timesteps=_host(self.timesteps)[start:])
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, generator=None, return_dict: bool = True):
         """One multistep step; the SDE form draws noise from ``generator``."""

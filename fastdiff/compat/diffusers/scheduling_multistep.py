@@ -104,6 +104,14 @@ class _MultistepScheduler(_VPScheduler):
             sig = np.interp(ts, np.arange(0, len(train)), train)
         return sig, ts
 
+    def _flow_layout(self, steps: int):
+        """Flow times ``1 - linspace(1, 1/N)`` shifted by ``flow_shift`` (no final sigma), and their timesteps."""
+        cfg = self.config
+        alphas = np.linspace(1, 1 / cfg.num_train_timesteps, steps + 1)
+        s = 1.0 - alphas
+        sig = np.flip(cfg.flow_shift * s / (1 + (cfg.flow_shift - 1) * s))[:-1].copy()
+        return sig, (sig * cfg.num_train_timesteps).copy()
+
     def _vp_sigma_min(self) -> float:
         return float(((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5)
 
@@ -121,22 +129,6 @@ class _MultistepScheduler(_VPScheduler):
         self.num_inference_steps = len(ts)
         self.lower_order_nums = 0
         self._start_run()
-
-    def _orders(self, start: int, final_rule) -> list:
-        """diffusers' per-step order: warm-up from the run's start, lower orders at the end."""
-        cfg, n = self.config, len(self.timesteps)
-        out = []
-        for i in range(start, n):
-            done = min(i - start, cfg.solver_order)
-            last = i == n - 1 and final_rule
-            second = i == n - 2 and cfg.lower_order_final and n < 15
-            if cfg.solver_order == 1 or done < 1 or last:
-                out.append(1)
-            elif cfg.solver_order == 2 or done < 2 or second:
-                out.append(2)
-            else:
-                out.append(3)
-        return out
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """``alpha_t x0 + sigma_t noise`` at the sigma of each timestep's step (diffusers' add_noise)."""
@@ -208,10 +200,7 @@ class DPMSolverMultistepScheduler(_MultistepScheduler):
                 ts = ts.round()
         elif cfg.use_flow_sigmas and not (cfg.use_karras_sigmas or cfg.use_exponential_sigmas or
                                           cfg.use_beta_sigmas):
-            alphas = np.linspace(1, 1 / cfg.num_train_timesteps, steps + 1)
-            s = 1.0 - alphas
-            sig = np.flip(cfg.flow_shift * s / (1 + (cfg.flow_shift - 1) * s))[:-1].copy()
-            ts = (sig * cfg.num_train_timesteps).copy()
+            sig, ts = self._flow_layout(steps)
         else:
             sig, ts = self._vp_layout(steps, ts, karras_round=cfg.beta_schedule != "squaredcos_cap_v2")
         self._finish_layout(np.concatenate([sig, [self._final_sigma()]]), ts, device)
@@ -379,10 +368,7 @@ class DEISMultistepScheduler(_MultistepScheduler):
             sig, ts = self._vp_layout(num_inference_steps, ts)
             last = float(sig[-1])
         elif cfg.use_flow_sigmas:
-            alphas = np.linspace(1, 1 / cfg.num_train_timesteps, num_inference_steps + 1)
-            s = 1.0 - alphas
-            sig = np.flip(cfg.flow_shift * s / (1 + (cfg.flow_shift - 1) * s))[:-1].copy()
-            ts = (sig * cfg.num_train_timesteps).copy()
+            sig, ts = self._flow_layout(num_inference_steps)
             last = float(sig[-1])
         else:
             sig, ts = self._vp_layout(num_inference_steps, ts)

@@ -109,10 +109,7 @@ class DPMSolverSinglestepScheduler(_MultistepScheduler):
             sig = _beta_spacing(np.flip(train).copy(), num_inference_steps)
             ts = np.array([_sigma_to_t(s, log_sigmas) for s in sig])
         elif cfg.use_flow_sigmas:
-            alphas = np.linspace(1, 1 / cfg.num_train_timesteps, num_inference_steps + 1)
-            s = 1.0 - alphas
-            sig = np.flip(cfg.flow_shift * s / (1 + (cfg.flow_shift - 1) * s))[:-1].copy()
-            ts = (sig * cfg.num_train_timesteps).copy()
+            sig, ts = self._flow_layout(num_inference_steps)
         else:
             sig = np.interp(ts, np.arange(0, len(train)), train)
         if cfg.final_sigmas_type not in ("zero", "sigma_min"):
