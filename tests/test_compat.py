@@ -713,6 +713,21 @@ def test_pndm_history_is_diffusers_ets():
     assert rel_l2(outs[1][0], outs[0][0]) <= 1e-6 and rel_l2(outs[1][1], outs[0][1]) <= 1e-6
 
 
+@pytest.mark.parametrize("spacing", ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"])
+def test_singlestep_spacings_take_the_ends_a_switched_config_carries(spacing):
+    """A pipeline switching from UniPC keeps UniPC's sigma_min / sigma_max in the config (not parameters of the
+    singlestep solver); diffusers' singlestep spacings read them, and so must the drop-in."""
+    import diffusers
+
+    cfg = diffusers.UniPCMultistepScheduler(sigma_min=0.3, sigma_max=5.0, **{spacing: True}).config
+    ref = diffusers.DPMSolverSinglestepScheduler.from_config(cfg)
+    ours = FD.DPMSolverSinglestepScheduler.from_config(cfg)
+    a, b = run_scheduler(ref, 8), run_scheduler(ours, 8)
+    assert float(ours.sigmas[0]) == pytest.approx(5.0)
+    assert torch.equal(ref.timesteps, ours.timesteps) and torch.equal(ref.sigmas, ours.sigmas)
+    assert rel_l2(b, a) <= 1e-5
+
+
 def test_compatibles_and_config_switches_follow_diffusers():
     import diffusers
 

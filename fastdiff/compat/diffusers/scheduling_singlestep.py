@@ -16,11 +16,7 @@ from torch import Tensor
 
 from fastdiff import samplers as S
 from fastdiff.compat.diffusers.scheduling_base import (
-    _beta_spacing,
-    _exponential,
     _host,
-    _karras,
-    _sigma_to_t,
     check_inference_steps,
     frame_row,
     randn_tensor,
@@ -97,21 +93,10 @@ class DPMSolverSinglestepScheduler(_MultistepScheduler):
             clipped = int(torch.searchsorted(torch.flip(self.lambda_t, [0]), cfg.lambda_min_clipped).item())
             ts = np.linspace(0, cfg.num_train_timesteps - 1 - clipped, num_inference_steps + 1) \
                 .round()[::-1][:-1].copy().astype(np.int64)
-        train = self._train_sigmas()
-        log_sigmas = np.log(train)
-        if cfg.use_karras_sigmas:
-            sig = _karras(np.flip(train).copy(), num_inference_steps)
-            ts = np.array([_sigma_to_t(s, log_sigmas) for s in sig]).round()
-        elif cfg.use_exponential_sigmas:
-            sig = _exponential(np.flip(train).copy(), num_inference_steps)
-            ts = np.array([_sigma_to_t(s, log_sigmas) for s in sig])
-        elif cfg.use_beta_sigmas:
-            sig = _beta_spacing(np.flip(train).copy(), num_inference_steps)
-            ts = np.array([_sigma_to_t(s, log_sigmas) for s in sig])
-        elif cfg.use_flow_sigmas:
+        if cfg.use_flow_sigmas and not (cfg.use_karras_sigmas or cfg.use_exponential_sigmas or cfg.use_beta_sigmas):
             sig, ts = self._flow_layout(num_inference_steps)
         else:
-            sig = np.interp(ts, np.arange(0, len(train)), train)
+            sig, ts = self._vp_layout(num_inference_steps, ts)
         if cfg.final_sigmas_type not in ("zero", "sigma_min"):
             raise ValueError(f" `final_sigmas_type` must be one of `sigma_min` or `zero`, but got "
                              f"{cfg.final_sigmas_type}")
