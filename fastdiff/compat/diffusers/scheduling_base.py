@@ -730,6 +730,33 @@ class _SigmaScheduler(_TableScheduler):
         return sigmas, timesteps
 
 
+class _HeunStages:
+    """Heun's method as diffusers' Heun schedulers call it (sigma and flow): two calls per step, so every
+    timestep and sigma after the first repeats; the table is built on ``_step_sigmas``, one per step."""
+
+    order = 2
+
+    def _heun_layout(self, step_sigmas: Tensor, step_timesteps: Tensor, device) -> None:
+        """``sigmas`` / ``timesteps`` per call from one sigma per step (with the final one) and one timestep
+        per step."""
+        self._step_sigmas = step_sigmas
+        self.sigmas = torch.cat([step_sigmas[:1], step_sigmas[1:-1].repeat_interleave(2), step_sigmas[-1:]])
+        ts = torch.cat([step_timesteps[:1], step_timesteps[1:].repeat_interleave(2)])
+        self.timesteps = ts.to(device=device, dtype=torch.float32)
+
+    @property
+    def state_in_first_order(self) -> bool:
+        """True when the next call is a step's first (Euler) stage."""
+        if self._step_index is None or not self._tables:
+            return True
+        table = next(iter(self._tables.values()))[0]
+        i = self._step_index
+        return i >= table.num_rows or i == 0 or table.step[i] != table.step[i - 1]
+
+    def _per_sample_ok(self) -> bool:
+        return False  # a timestep names two calls of a step, not one row
+
+
 def churn_gammas(sigmas: np.ndarray, s_churn: float, s_tmin: float, s_tmax: float) -> np.ndarray:
     """Karras et al. (2022), Algorithm 2's gamma per step, as diffusers computes it (``len(sigmas) - 1``)."""
     n = len(sigmas) - 1

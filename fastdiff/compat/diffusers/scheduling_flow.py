@@ -23,6 +23,7 @@ from fastdiff.compat.diffusers.scheduling_base import (
     _beta_spacing,
     _check_one_spacing,
     _exponential,
+    _HeunStages,
     _host,
     _karras,
     _TableScheduler,
@@ -223,11 +224,10 @@ class FlowMatchEulerDiscreteScheduler(_FlowScheduler):
         return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev)
 
 
-class FlowMatchHeunDiscreteScheduler(_FlowScheduler):
+class FlowMatchHeunDiscreteScheduler(_HeunStages, _FlowScheduler):
     """diffusers' ``FlowMatchHeunDiscreteScheduler``: Heun's method on the velocity, in flow time; the second
     stage is built on the first stage's stored state and velocity, as diffusers keeps them (churn included)."""
 
-    order = 2
     _compatibles: list = []
 
     @register_to_config
@@ -255,22 +255,8 @@ class FlowMatchHeunDiscreteScheduler(_FlowScheduler):
         sigmas = cfg.shift * sigmas / (1 + (cfg.shift - 1) * sigmas)
         sigmas = torch.from_numpy(sigmas).to(dtype=torch.float32, device=device)
         ts = sigmas * cfg.num_train_timesteps
-        self.timesteps = torch.cat([ts[:1], ts[1:].repeat_interleave(2)]).to(device=device)
-        sigmas = torch.cat([sigmas, torch.zeros(1, device=sigmas.device)])
-        self._step_sigmas = sigmas
-        self.sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]])
+        self._heun_layout(torch.cat([sigmas, torch.zeros(1, device=sigmas.device)]), ts, device)
         self._start_run()
-
-    @property
-    def state_in_first_order(self) -> bool:
-        if self._step_index is None or not self._tables:
-            return True
-        table = next(iter(self._tables.values()))[0]
-        i = self._step_index
-        return i >= table.num_rows or i == 0 or table.step[i] != table.step[i - 1]
-
-    def _per_sample_ok(self) -> bool:
-        return False
 
     def _build_table(self, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
                      s_noise: float = 1.0) -> S.SamplerTable:

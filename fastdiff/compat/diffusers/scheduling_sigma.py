@@ -14,6 +14,7 @@ from fastdiff.compat.diffusers.scheduling_base import (
     KARRAS_SCHEDULERS,
     SchedulerOutput,
     _check_one_spacing,
+    _HeunStages,
     _host,
     _sigma_to_t,
     _SigmaScheduler,
@@ -206,13 +207,12 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
         return self._fused_step(model_output, timestep, sample, noise_fn=noise_fn, return_dict=return_dict)
 
 
-class HeunDiscreteScheduler(_SigmaScheduler):
+class HeunDiscreteScheduler(_HeunStages, _SigmaScheduler):
     """diffusers' ``HeunDiscreteScheduler`` (Karras et al. 2022, Alg. 2) on :func:`fastdiff.samplers.heun`.
 
     ``timesteps`` repeat each inner timestep (two model calls per step): one table row per call.
     """
 
-    order = 2
     _compatibles = KARRAS_SCHEDULERS
 
     @register_to_config
@@ -248,24 +248,8 @@ class HeunDiscreteScheduler(_SigmaScheduler):
         sig, ts = self._sigma_layout(num_inference_steps, ts, cfg.use_karras_sigmas,
                                      cfg.use_exponential_sigmas, cfg.use_beta_sigmas)
         sig = torch.from_numpy(np.concatenate([sig, [0.0]]).astype(np.float32))
-        self._step_sigmas = sig
-        self.sigmas = torch.cat([sig[:1], sig[1:-1].repeat_interleave(2), sig[-1:]])
-        ts = torch.from_numpy(np.asarray(ts))
-        ts = torch.cat([ts[:1], ts[1:].repeat_interleave(2)])
-        self.timesteps = ts.to(device=device, dtype=torch.float32)
+        self._heun_layout(sig, torch.from_numpy(np.asarray(ts)), device)
         self._start_run()
-
-    @property
-    def state_in_first_order(self) -> bool:
-        """True when the next call is a step's first (Euler) stage."""
-        if self._step_index is None or not self._tables:
-            return True
-        table = next(iter(self._tables.values()))[0]
-        i = self._step_index
-        return i >= table.num_rows or i == 0 or table.step[i] != table.step[i - 1]
-
-    def _per_sample_ok(self) -> bool:
-        return False
 
     def _build_table(self) -> S.SamplerTable:
         with S.lenient():
