@@ -257,6 +257,16 @@ def check_inference_steps(num_inference_steps, n: int) -> int:
     return int(num_inference_steps)
 
 
+def reject_integer_timestep(timestep, name: str, scalar_only: bool = False) -> None:
+    """diffusers' error for a step index passed as the timestep (an int, or an integer tensor; with
+    ``scalar_only``, only a 0-d one, as diffusers' Euler checks)."""
+    integer = isinstance(timestep, Tensor) and not timestep.is_floating_point()
+    if isinstance(timestep, int) or (integer and (timestep.dim() == 0 or not scalar_only)):
+        raise ValueError(f"Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
+                         f"`{name}.step()` is not supported. Make sure to pass one of the "
+                         "`scheduler.timesteps` as a timestep.")
+
+
 def _check_one_spacing(cfg) -> None:
     if sum(bool(getattr(cfg, k, False)) for k in ("use_beta_sigmas", "use_exponential_sigmas",
                                                    "use_karras_sigmas")) > 1:

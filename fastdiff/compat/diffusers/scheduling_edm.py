@@ -22,6 +22,7 @@ from fastdiff.compat.diffusers.scheduling_base import (
     churn_gammas,
     randn_tensor,
     register_to_config,
+    reject_integer_timestep,
 )
 
 
@@ -151,10 +152,7 @@ class EDMEulerScheduler(_EDMScheduler):
              pred_original_sample: Optional[Tensor] = None):
         """One Euler step from ``sigmas[i]`` to ``sigmas[i + 1]`` (with ``s_churn``, Karras' churn noise from
         ``generator`` where the step's gamma > 0 is the row's noise term)."""
-        if isinstance(timestep, int) or (isinstance(timestep, Tensor) and not timestep.is_floating_point()):
-            raise ValueError("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
-                             "`EDMEulerScheduler.step()` is not supported. Make sure to pass one of the "
-                             "`scheduler.timesteps` as a timestep.")
+        reject_integer_timestep(timestep, "EDMEulerScheduler")
         given = pred_original_sample is not None
         opts = {"given_x0": given}
         if s_churn > 0:

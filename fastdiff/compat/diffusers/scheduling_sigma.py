@@ -23,15 +23,8 @@ from fastdiff.compat.diffusers.scheduling_base import (
     churn_gammas,
     randn_tensor,
     register_to_config,
+    reject_integer_timestep,
 )
-
-
-def _check_int_timestep(timestep, name: str) -> None:
-    if isinstance(timestep, int) or (isinstance(timestep, Tensor) and timestep.dim() == 0
-                                     and not timestep.is_floating_point()):
-        raise ValueError(f"Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
-                         f"`{name}.step()` is not supported. Make sure to pass one of the "
-                         "`scheduler.timesteps` as a timestep.")
 
 
 class EulerDiscreteScheduler(_SigmaScheduler):
@@ -130,7 +123,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
              s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None, return_dict: bool = True):
         """One Euler step from ``sigmas[i]`` to ``sigmas[i + 1]``; with ``s_churn`` the Karras churn noise
         (drawn from ``generator`` where the step's gamma > 0) is the row's noise term."""
-        _check_int_timestep(timestep, "EulerDiscreteScheduler")
+        reject_integer_timestep(timestep, "EulerDiscreteScheduler", scalar_only=True)
         if not s_churn > 0:
             return self._fused_step(model_output, timestep, sample, return_dict=return_dict)
         opts = {"s_churn": float(s_churn), "s_tmin": float(s_tmin), "s_tmax": float(s_tmax),
@@ -198,7 +191,7 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, generator=None, return_dict: bool = True):
         """Euler to sigma_down, plus ``sigma_up * randn_tensor(shape, generator)`` each step."""
-        _check_int_timestep(timestep, "EulerAncestralDiscreteScheduler")
+        reject_integer_timestep(timestep, "EulerAncestralDiscreteScheduler", scalar_only=True)
 
         def noise_fn(idx, rows):
             return randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
