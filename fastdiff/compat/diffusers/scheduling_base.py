@@ -605,10 +605,15 @@ class _TableScheduler(SchedulerMixin, ConfigMixin):
             x0 = torch.minimum(torch.maximum(x0, -b), b) * clip[:, 1].to(cd).reshape(view)
         return x0.to(x.dtype)
 
-    def _check_ready(self) -> None:
-        if self._needs_set_timesteps and self.num_inference_steps is None:
+    def _require_timesteps(self) -> None:
+        """diffusers' error for a step before ``set_timesteps``."""
+        if self.num_inference_steps is None:
             raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after "
                              "creating the scheduler")
+
+    def _check_ready(self) -> None:
+        if self._needs_set_timesteps:
+            self._require_timesteps()
 
     def _fused_step(self, model_output: Tensor, timestep, sample: Tensor, *, options=None, noise_fn=None,
                     variance: Optional[Tensor] = None, return_dict: bool = True, output_cls=SchedulerOutput):
@@ -679,6 +684,30 @@ class _VPScheduler(_TableScheduler):
         a = _bcast(abar[timesteps].flatten() ** 0.5, sample)
         s = _bcast((1 - abar[timesteps]).flatten() ** 0.5, sample)
         return a * noise - s * sample
+
+
+class _CustomTimesteps:
+    """Integer timesteps a caller may give itself (DDPM, LCM, TCD): diffusers' checks of them and its
+    ``previous_timestep``."""
+
+    def _custom_timesteps(self, timesteps) -> np.ndarray:
+        """``timesteps`` as int64 after diffusers' checks (descending, below num_train_timesteps)."""
+        n = self.config.num_train_timesteps
+        for i in range(1, len(timesteps)):
+            if timesteps[i] >= timesteps[i - 1]:
+                raise ValueError("`custom_timesteps` must be in descending order.")
+        if timesteps[0] >= n:
+            raise ValueError(f"`timesteps` must start before `self.config.train_timesteps`: {n}.")
+        self.custom_timesteps = True
+        return np.array(timesteps, dtype=np.int64)
+
+    def previous_timestep(self, timestep):
+        if self.custom_timesteps or self.num_inference_steps:
+            index = (self.timesteps == timestep).nonzero(as_tuple=True)[0][0]
+            if index == self.timesteps.shape[0] - 1:
+                return torch.tensor(-1)
+            return self.timesteps[index + 1]
+        return timestep - 1
 
 
 class _SigmaScheduler(_TableScheduler):

@@ -200,9 +200,7 @@ class DPMSolverSinglestepScheduler(_MultistepScheduler):
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, generator=None, return_dict: bool = True):
         """One call of the group: the first stores the sample, the last gives the group's end."""
-        if self.num_inference_steps is None:
-            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after "
-                             "creating the scheduler")
+        self._require_timesteps()
         if self._step_index is None:
             self._init_step_index(timestep)
         if self._run_first is None:
