@@ -20,14 +20,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: two intra-op threads only contend (a 5-step tiny-UNet pipeline took seconds instead of
-    # 0.1 s on the shared 2-core CI machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 KD_DETERMINISTIC = ["euler", "heun", "dpm_2", "lms", "dpmpp_2m"]

@@ -15,14 +15,7 @@ from fastdiff.schedules import VPSchedule
 NUM_CLASSES = 4  # labels 0..3, null label 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the bits of a float32 run do not depend on thread scheduling, and a shared
-    2-core machine runs faster."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0) -> ADMUNet:

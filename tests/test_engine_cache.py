@@ -35,13 +35,10 @@ CUDA = torch.cuda.is_available()
 
 
 @pytest.fixture(autouse=True)
-def one_thread_fresh_cache():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def fresh_cache(one_thread):
     fastdiff.clear_cache()
     yield
     fastdiff.clear_cache()
-    torch.set_num_threads(old)
 
 
 def tiny_model(seed: int = 0) -> ADMUNet:

@@ -31,13 +31,10 @@ SHARED = (8, 300)  # a tensor shared by every sample, past repr's 1000-element s
 
 
 @pytest.fixture(autouse=True)
-def one_thread_fresh_cache():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def fresh_cache(one_thread):
     fastdiff.clear_cache()
     yield
     fastdiff.clear_cache()
-    torch.set_num_threads(old)
 
 
 class PromptNet(nn.Module):
