@@ -232,29 +232,6 @@ def test_diffusers_unet_passed_to_sample_comes_back_unchanged():
 # ---------------------------------------------------------------------------------------------
 
 
-class EagerGraphRunner:
-    """CudaGraphRunner's contract on the CPU: warm-up steps scribble on the static buffers, replay = step."""
-
-    captures = 0
-
-    def __init__(self, static, warmup: int = 2):
-        self.static = static
-        for _ in range(warmup):
-            static.step()
-        EagerGraphRunner.captures += 1
-
-    def replay(self):
-        self.static.step()
-
-
-@pytest.fixture
-def cpu_graphs(monkeypatch):
-    monkeypatch.setattr(engine, "_graph_capable", lambda device: True)
-    monkeypatch.setattr(engine, "CudaGraphRunner", EagerGraphRunner)
-    EagerGraphRunner.captures = 0
-    return EagerGraphRunner
-
-
 def test_graph_path_is_captured_once_across_calls(cpu_graphs, monkeypatch):
     den = tiny_denoiser()
     kw = dict(sampler="euler_ancestral", steps=3, guidance_scale=2.0, seeds=7, dtype=torch.float32,

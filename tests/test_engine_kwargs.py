@@ -133,29 +133,6 @@ def test_static_step_buffers_and_constants():
 # ---------------------------------------------------------------------------------------------
 
 
-class EagerGraphRunner:
-    """CudaGraphRunner's contract on the CPU: warm-up steps scribble on the static buffers, replay = step."""
-
-    captures = 0
-
-    def __init__(self, static, warmup: int = 2):
-        self.static = static
-        for _ in range(warmup):
-            static.step()
-        EagerGraphRunner.captures += 1
-
-    def replay(self):
-        self.static.step()
-
-
-@pytest.fixture
-def cpu_graphs(monkeypatch):
-    monkeypatch.setattr(engine, "_graph_capable", lambda device: True)
-    monkeypatch.setattr(engine, "CudaGraphRunner", EagerGraphRunner)
-    EagerGraphRunner.captures = 0
-    return EagerGraphRunner
-
-
 def test_graph_path_replays_new_prompts_and_keys_on_shapes_and_shared_values(cpu_graphs):
     den = prompt_denoiser()
     base = dict(sampler="dpmpp_2m", steps=3, seeds=[1, 2, 3, 4], dtype=torch.float32, progress=False,
