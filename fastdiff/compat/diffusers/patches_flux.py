@@ -34,7 +34,7 @@ from fastdiff.compat.diffusers.patches_transformer import (
     layer_norm_modulated,
     plain_layer_norm,
 )
-from fastdiff.compat.diffusers.patching import ModulePatch, swap_forward
+from fastdiff.compat.diffusers.patching import ModulePatch, swap_processor
 
 __all__ = ["FluxTransformerBlockPatch", "FluxSingleTransformerBlockPatch", "FluxAttnProcessorPatch",
            "FastdiffFluxAttnProcessor", "FLUX_PATCHES"]
@@ -106,6 +106,7 @@ class FluxTransformerBlockPatch(ModulePatch):
 
     target = FluxTransformerBlock
     checked = {"forward": FLUX_TRANSFORMER_BLOCK_FORWARD}
+    forward_fn = flux_transformer_block_forward
 
     def check_structure(self, block: FluxTransformerBlock) -> Optional[str]:
         for name in ("norm2", "norm2_context"):
@@ -114,18 +115,13 @@ class FluxTransformerBlockPatch(ModulePatch):
                 return reason
         return None
 
-    def apply(self, block: FluxTransformerBlock) -> Callable[[], None]:
-        return swap_forward(block, flux_transformer_block_forward)
-
 
 class FluxSingleTransformerBlockPatch(ModulePatch):
     """``FluxSingleTransformerBlock`` (single stream)."""
 
     target = FluxSingleTransformerBlock
     checked = {"forward": FLUX_SINGLE_TRANSFORMER_BLOCK_FORWARD}
-
-    def apply(self, block: FluxSingleTransformerBlock) -> Callable[[], None]:
-        return swap_forward(block, flux_single_transformer_block_forward)
+    forward_fn = flux_single_transformer_block_forward
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,13 +221,7 @@ class FluxAttnProcessorPatch(ModulePatch):
         return None
 
     def apply(self, attn: FluxAttention) -> Callable[[], None]:
-        original = attn.processor
-        attn.processor = FastdiffFluxAttnProcessor()
-
-        def undo():
-            attn.processor = original
-
-        return undo
+        return swap_processor(attn, FastdiffFluxAttnProcessor())
 
 
 FLUX_PATCHES = (FluxTransformerBlockPatch(), FluxSingleTransformerBlockPatch(), FluxAttnProcessorPatch())

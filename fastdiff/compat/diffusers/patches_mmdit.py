@@ -30,7 +30,7 @@ from fastdiff.compat.diffusers.patches_transformer import (
     layer_norm_modulated,
     plain_layer_norm,
 )
-from fastdiff.compat.diffusers.patching import ModulePatch, swap_forward
+from fastdiff.compat.diffusers.patching import ModulePatch, swap_processor
 
 __all__ = ["JointTransformerBlockPatch", "JointAttnProcessorPatch", "FastdiffJointAttnProcessor", "MMDIT_PATCHES"]
 
@@ -89,6 +89,7 @@ class JointTransformerBlockPatch(ModulePatch):
 
     target = JointTransformerBlock
     checked = {"forward": JOINT_TRANSFORMER_BLOCK_FORWARD}
+    forward_fn = joint_transformer_block_forward
 
     def check_structure(self, block: JointTransformerBlock) -> Optional[str]:
         names = ("norm2",) if block.context_pre_only else ("norm2", "norm2_context")
@@ -97,9 +98,6 @@ class JointTransformerBlockPatch(ModulePatch):
             if reason:
                 return reason
         return None
-
-    def apply(self, block: JointTransformerBlock) -> Callable[[], None]:
-        return swap_forward(block, joint_transformer_block_forward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,13 +180,7 @@ class JointAttnProcessorPatch(ModulePatch):
         return None
 
     def apply(self, attn: Attention) -> Callable[[], None]:
-        original = attn.processor
-        attn.processor = FastdiffJointAttnProcessor()
-
-        def undo():
-            attn.processor = original
-
-        return undo
+        return swap_processor(attn, FastdiffJointAttnProcessor())
 
 
 MMDIT_PATCHES = (JointTransformerBlockPatch(), JointAttnProcessorPatch())

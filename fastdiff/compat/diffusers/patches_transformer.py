@@ -22,7 +22,7 @@ forward never refuses an input the original takes.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from diffusers.models.normalization import (
@@ -34,7 +34,7 @@ from diffusers.models.normalization import (
 from torch import Tensor, nn
 
 from fastdiff import ops
-from fastdiff.compat.diffusers.patching import ModulePatch, hooks_on, swap_forward
+from fastdiff.compat.diffusers.patching import ModulePatch, hooks_on
 
 __all__ = ["layer_norm_modulated", "gated_residual", "joint_qk_norm_rope", "plain_layer_norm", "transformer_patches",
            "AdaLayerNormZeroPatch", "AdaLayerNormZeroSinglePatch", "SD35AdaLayerNormZeroXPatch",
@@ -225,8 +225,6 @@ class _AdaNormPatch(ModulePatch):
     """An adaLN module whose ``norm`` (a plain LayerNorm) the fused forward replaces; its ``silu`` and
     ``linear`` are still called."""
 
-    forward_fn: Callable = None
-
     def check_structure(self, module: nn.Module) -> Optional[str]:
         reason = plain_layer_norm(getattr(module, "norm", None), "norm")
         if reason:
@@ -234,9 +232,6 @@ class _AdaNormPatch(ModulePatch):
         if type(module.silu) is not nn.SiLU:
             return f"silu is {type(module.silu).__name__}"
         return None
-
-    def apply(self, module: nn.Module) -> Callable[[], None]:
-        return swap_forward(module, type(self).forward_fn)
 
 
 class AdaLayerNormZeroPatch(_AdaNormPatch):
