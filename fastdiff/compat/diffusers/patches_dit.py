@@ -29,7 +29,12 @@ from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DMod
 from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
 from torch import Tensor
 
-from fastdiff.compat.diffusers.patches_transformer import gated_residual, layer_norm_modulated, plain_layer_norm
+from fastdiff.compat.diffusers.patches_transformer import (
+    gated_residual,
+    layer_norm_modulated,
+    plain_layer_norm,
+    plain_layer_norms,
+)
 from fastdiff.compat.diffusers.patching import ModulePatch
 
 __all__ = ["BasicTransformerBlockPatch", "PixArtTransformer2DModelPatch", "DiTTransformer2DModelPatch", "DIT_PATCHES"]
@@ -109,11 +114,9 @@ class BasicTransformerBlockPatch(ModulePatch):
         return isinstance(module, BasicTransformerBlock) and getattr(module, "norm_type", None) in ADA_NORM_TYPES
 
     def check_structure(self, block: BasicTransformerBlock) -> Optional[str]:
-        fused = ("norm1", "norm2") if block.norm_type == "ada_norm_single" else ("norm3",)
-        for name in fused:
-            reason = plain_layer_norm(getattr(block, name, None), name)
-            if reason:
-                return reason
+        reason = plain_layer_norms(block, ("norm1", "norm2") if block.norm_type == "ada_norm_single" else ("norm3",))
+        if reason:
+            return reason
         if block.norm_type == "ada_norm_single" and block.scale_shift_table.shape[0] != 6:
             return f"scale_shift_table has {block.scale_shift_table.shape[0]} rows, not 6"
         return None

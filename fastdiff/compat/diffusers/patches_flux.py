@@ -32,7 +32,7 @@ from fastdiff.compat.diffusers.patches_transformer import (
     gated_residual,
     joint_qk_norm_rope,
     layer_norm_modulated,
-    plain_layer_norm,
+    plain_layer_norms,
 )
 from fastdiff.compat.diffusers.patching import ModulePatch, swap_processor
 
@@ -109,11 +109,7 @@ class FluxTransformerBlockPatch(ModulePatch):
     forward_fn = flux_transformer_block_forward
 
     def check_structure(self, block: FluxTransformerBlock) -> Optional[str]:
-        for name in ("norm2", "norm2_context"):
-            reason = plain_layer_norm(getattr(block, name, None), name)
-            if reason:
-                return reason
-        return None
+        return plain_layer_norms(block, ("norm2", "norm2_context"))
 
 
 class FluxSingleTransformerBlockPatch(ModulePatch):

@@ -28,7 +28,7 @@ from fastdiff.compat.diffusers.patches_transformer import (
     gated_residual,
     joint_qk_norm_rope,
     layer_norm_modulated,
-    plain_layer_norm,
+    plain_layer_norms,
 )
 from fastdiff.compat.diffusers.patching import ModulePatch, swap_processor
 
@@ -92,12 +92,7 @@ class JointTransformerBlockPatch(ModulePatch):
     forward_fn = joint_transformer_block_forward
 
     def check_structure(self, block: JointTransformerBlock) -> Optional[str]:
-        names = ("norm2",) if block.context_pre_only else ("norm2", "norm2_context")
-        for name in names:
-            reason = plain_layer_norm(getattr(block, name, None), name)
-            if reason:
-                return reason
-        return None
+        return plain_layer_norms(block, ("norm2",) if block.context_pre_only else ("norm2", "norm2_context"))
 
 
 # ---------------------------------------------------------------------------------------------

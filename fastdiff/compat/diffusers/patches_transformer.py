@@ -36,7 +36,8 @@ from torch import Tensor, nn
 from fastdiff import ops
 from fastdiff.compat.diffusers.patching import ModulePatch, hooks_on
 
-__all__ = ["layer_norm_modulated", "gated_residual", "joint_qk_norm_rope", "plain_layer_norm", "transformer_patches",
+__all__ = ["layer_norm_modulated", "gated_residual", "joint_qk_norm_rope", "plain_layer_norm", "plain_layer_norms",
+           "transformer_patches",
            "AdaLayerNormZeroPatch", "AdaLayerNormZeroSinglePatch", "SD35AdaLayerNormZeroXPatch",
            "AdaLayerNormContinuousPatch"]
 
@@ -98,6 +99,15 @@ def plain_layer_norm(norm, name: str) -> Optional[str]:
     hooks = hooks_on(norm)
     if hooks:
         return f"hooks on {name}, which the fused forward does not call: {', '.join(hooks)}"
+    return None
+
+
+def plain_layer_norms(module: nn.Module, names) -> Optional[str]:
+    """:func:`plain_layer_norm` of each named submodule of ``module``: the first reason, or None."""
+    for name in names:
+        reason = plain_layer_norm(getattr(module, name, None), name)
+        if reason:
+            return reason
     return None
 
 
