@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from fastdiff.policy import as_dtype
 
 __all__ = ["SEED_LIMIT", "MAX_GUIDANCE", "RENAMED", "resolve_seeds", "resolve_device", "check_int",
-           "check_guidance", "check_memory_budget", "check_sampler_options", "check_extra_kwargs",
+           "check_guidance", "check_memory_budget", "check_sampler_options", "did_you_mean", "check_extra_kwargs",
            "label_count", "is_conditional", "check_labels", "check_y_null", "check_shape", "check_dtype",
            "check_choice", "check_compile", "default_y_null", "default_guidance", "check_conditioning"]
 
@@ -180,6 +180,12 @@ def check_sampler_options(sampler: str, options) -> dict:
     return dict(options)
 
 
+def did_you_mean(word: str, choices: Sequence[str]) -> str:
+    """`` (did you mean 'x'?)`` with the closest of ``choices`` to a mistyped keyword, or "" when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def check_extra_kwargs(runtime: str, kwargs: dict, known: Sequence[str], runtime_only: Sequence[str]) -> None:
     """Keywords ``fastdiff.sample`` did not name: another library's word, a misspelling, or an option of the
     other runtime. ``known``: fastdiff.sample's own names; ``runtime_only``: what this runtime adds."""
@@ -189,10 +195,7 @@ def check_extra_kwargs(runtime: str, kwargs: dict, known: Sequence[str], runtime
     bad = sorted(k for k in kwargs if k not in runtime_only)
     if not bad:
         return
-    hints = []
-    for key in bad:
-        close = difflib.get_close_matches(key, list(known) + list(runtime_only), n=1)
-        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    hints = [f"{key!r}" + did_you_mean(key, list(known) + list(runtime_only)) for key in bad]
     extra = (f"; runtime={runtime!r} also takes {sorted(runtime_only)}" if runtime_only else
              "; the keywords of runtime='onnxruntime' (providers, x_T, ...) need that runtime")
     raise TypeError(f"fastdiff.sample() got unexpected keyword argument(s) {', '.join(hints)} for "

@@ -105,6 +105,19 @@ def _remove(path: str) -> None:
 
 
 @contextlib.contextmanager
+def _published(tmp: str, path: str) -> Iterator[None]:
+    """Around the writing of ``tmp``: on a clean exit ``tmp`` is renamed over ``path`` (and the folder
+    fsynced); on an exception it is removed and ``path`` keeps its old content."""
+    try:
+        yield
+        _publish(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+    _fsync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+@contextlib.contextmanager
 def atomic_write(path: PathLike, mode: str = "wb", *, argument: str = "path") -> Iterator[IO]:
     """A file object on a temporary file next to ``path``; on a clean exit it is flushed, fsynced and
     renamed over ``path``; on an exception it is removed and ``path`` keeps its old content."""
@@ -119,16 +132,10 @@ def atomic_write(path: PathLike, mode: str = "wb", *, argument: str = "path") ->
         os.close(fd)
         _remove(tmp)
         raise
-    try:
-        with f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        _publish(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
-    _fsync_folder(os.path.dirname(os.path.abspath(path)))
+    with _published(tmp, path), f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @contextlib.contextmanager
@@ -139,14 +146,9 @@ def atomic_path(path: PathLike, *, argument: str = "path") -> Iterator[str]:
     path = check_output_path(path, argument)
     tmp = _temp_name(path, keep_extension=True)
     os.close(_create(tmp))  # reserve the name
-    try:
+    with _published(tmp, path):
         yield tmp
         _fsync_file(tmp)
-        _publish(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
-    _fsync_folder(os.path.dirname(os.path.abspath(path)))
 
 
 @contextlib.contextmanager

@@ -25,6 +25,52 @@ def kernel_device():
     return KERNEL_DEVICE
 
 
+def _single_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# One intra-op thread, for a test file that asks (``pytestmark = pytest.mark.usefixtures(...)``): tiny tensors on a
+# shared 2-core runner only pay thread wake-ups with two (a 1.6 ms forward took 46 ms), and the bits of a float32
+# run do not depend on thread scheduling. Per test (a test may change the thread count; the next starts at one) or
+# per module (also the module's fixtures run single-threaded).
+one_thread = pytest.fixture(_single_thread, name="one_thread")
+one_thread_module = pytest.fixture(_single_thread, scope="module", name="one_thread_module")
+
+class EagerGraphRunner:
+    """fastdiff.engine's CudaGraphRunner contract on the CPU: warm-up steps that scribble on the static buffers
+    at construction, then ``replay`` = one step (what the captured graph does); ``captures`` counts them."""
+
+    captures = 0
+
+    def __init__(self, static, warmup: int = 2):
+        self.static = static
+        for _ in range(warmup):
+            static.step()
+        EagerGraphRunner.captures += 1
+
+    def replay(self):
+        self.static.step()
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    """The engine's CUDA-graph path on the CPU: every device graph-capable, captures by EagerGraphRunner."""
+    from fastdiff import engine
+
+    monkeypatch.setattr(engine, "_graph_capable", lambda device: True)
+    monkeypatch.setattr(engine, "CudaGraphRunner", EagerGraphRunner)
+    EagerGraphRunner.captures = 0
+    return EagerGraphRunner
+
+
+# diffusers' deprecation notices and its "should be kept in float32" note, which tiny float32 models trigger
+DIFFUSERS_WARNINGS = [pytest.mark.filterwarnings("ignore::FutureWarning"),
+                      pytest.mark.filterwarnings("ignore:.*should be kept in float32")]
+
+
 def rel_l2(out, ref) -> float:
     """||out - ref|| / ||ref|| in float64 (0 when both are zero)."""
     out, ref = out.double(), ref.double()

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from accelerate_models import EXPECTED, MODELS
-from conftest import rel_l2
+from conftest import DIFFUSERS_WARNINGS, rel_l2
 from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
@@ -18,16 +18,7 @@ from fastdiff.compat.diffusers import AccelerateError, accelerate
 from fastdiff.compat.diffusers.accelerate import CastingCall
 from fastdiff.compat.diffusers.patches_unet import FastdiffAttnProcessor, ResnetBlock2DPatch
 
-pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
-              pytest.mark.filterwarnings("ignore:.*should be kept in float32")]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()  # tiny tensors: a second thread only contends on the shared machine
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [*DIFFUSERS_WARNINGS, pytest.mark.usefixtures("one_thread_module")]
 
 
 def snapshot(model: nn.Module) -> dict:

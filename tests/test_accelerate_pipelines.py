@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate_models import CROSS_DIM, MODELS
+from conftest import DIFFUSERS_WARNINGS
 from diffusers import (
     DDIMScheduler,
     DDPMPipeline,
@@ -17,18 +18,9 @@ from test_accelerate import assert_same, snapshot
 
 from fastdiff.compat.diffusers import AccelerateError, accelerate
 
-pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
-              pytest.mark.filterwarnings("ignore:.*should be kept in float32")]
+pytestmark = [*DIFFUSERS_WARNINGS, pytest.mark.usefixtures("one_thread_module")]
 
 SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def ddpm_pipeline():

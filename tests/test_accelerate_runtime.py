@@ -5,7 +5,7 @@ patched models (full and regional, traced by dynamo with the eager backend), and
 import pytest
 import torch
 from accelerate_models import MODELS
-from conftest import rel_l2
+from conftest import DIFFUSERS_WARNINGS, rel_l2
 from torch import nn
 from torch.utils import _pytree as pytree
 
@@ -14,16 +14,7 @@ from fastdiff.compat.diffusers.accelerate import CastingCall, _compile_scope
 from fastdiff.compat.diffusers.cuda_graph import CudaGraphForward
 from fastdiff.compat.diffusers.patching import code_digest, pair_fusable
 
-pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
-              pytest.mark.filterwarnings("ignore:.*should be kept in float32")]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [*DIFFUSERS_WARNINGS, pytest.mark.usefixtures("one_thread_module")]
 
 
 # ---------------------------------------------------------------------------------------------

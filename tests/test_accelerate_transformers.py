@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import rel_l2
+from conftest import DIFFUSERS_WARNINGS, rel_l2
 from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.normalization import FP32LayerNorm, RMSNorm
@@ -23,16 +23,7 @@ from fastdiff.compat.diffusers.accelerate import _compile_scope
 from fastdiff.compat.diffusers.cuda_graph import CudaGraphForward
 from fastdiff.compat.diffusers.patches_flux import FastdiffFluxAttnProcessor, FluxTransformerBlockPatch
 
-pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
-              pytest.mark.filterwarnings("ignore:.*should be kept in float32")]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [*DIFFUSERS_WARNINGS, pytest.mark.usefixtures("one_thread_module")]
 
 
 # ---------------------------------------------------------------------------------------------

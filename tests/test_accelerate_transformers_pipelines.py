@@ -6,7 +6,7 @@ drop-in where the package has one (else reported and kept), an exact undo."""
 import numpy as np
 import pytest
 import torch
-from conftest import rel_l2
+from conftest import DIFFUSERS_WARNINGS, rel_l2
 from diffusers import (
     AutoencoderKL,
     DPMSolverMultistepScheduler,
@@ -24,16 +24,7 @@ from test_accelerate_transformers import FLUX, PIXART, SD3, SD35
 import fastdiff.compat.diffusers as fdd
 from fastdiff.compat.diffusers import accelerate
 
-pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
-              pytest.mark.filterwarnings("ignore:.*should be kept in float32")]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [*DIFFUSERS_WARNINGS, pytest.mark.usefixtures("one_thread_module")]
 
 
 def _vae(latent_channels):

@@ -14,13 +14,7 @@ from PIL import Image
 import fastdiff
 from fastdiff import cli
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_cli(*args) -> int:

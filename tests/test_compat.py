@@ -20,14 +20,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: two intra-op threads only contend (a 5-step tiny-UNet pipeline took seconds instead of
-    # 0.1 s on the shared 2-core CI machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 KD_DETERMINISTIC = ["euler", "heun", "dpm_2", "lms", "dpmpp_2m"]
@@ -711,6 +704,21 @@ def test_pndm_history_is_diffusers_ets():
         b = s.step_plms(res, 1, x).prev_sample
         outs.append((a, b, len(s.ets)))
     assert rel_l2(outs[1][0], outs[0][0]) <= 1e-6 and rel_l2(outs[1][1], outs[0][1]) <= 1e-6
+
+
+@pytest.mark.parametrize("spacing", ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"])
+def test_singlestep_spacings_take_the_ends_a_switched_config_carries(spacing):
+    """A pipeline switching from UniPC keeps UniPC's sigma_min / sigma_max in the config (not parameters of the
+    singlestep solver); diffusers' singlestep spacings read them, and so must the drop-in."""
+    import diffusers
+
+    cfg = diffusers.UniPCMultistepScheduler(sigma_min=0.3, sigma_max=5.0, **{spacing: True}).config
+    ref = diffusers.DPMSolverSinglestepScheduler.from_config(cfg)
+    ours = FD.DPMSolverSinglestepScheduler.from_config(cfg)
+    a, b = run_scheduler(ref, 8), run_scheduler(ours, 8)
+    assert float(ours.sigmas[0]) == pytest.approx(5.0)
+    assert torch.equal(ref.timesteps, ours.timesteps) and torch.equal(ref.sigmas, ours.sigmas)
+    assert rel_l2(b, a) <= 1e-5
 
 
 def test_compatibles_and_config_switches_follow_diffusers():

@@ -15,14 +15,7 @@ from fastdiff.schedules import VPSchedule
 NUM_CLASSES = 4  # labels 0..3, null label 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the bits of a float32 run do not depend on thread scheduling, and a shared
-    2-core machine runs faster."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0) -> ADMUNet:
@@ -254,27 +247,9 @@ def test_onnxruntime_runtime_delegates(monkeypatch):
     assert seen["seeds"] == [9, 10, 11] and seen["y_null"] == NUM_CLASSES and seen["guidance_scale"] == 2.0
 
 
-class EagerGraphRunner:
-    """CudaGraphRunner's contract on the CPU: warm-up steps that scribble on the static buffers at
-    construction, then ``replay`` = one step (what the captured graph does)."""
-
-    captures = 0
-
-    def __init__(self, static, warmup: int = 2):
-        self.static = static
-        for _ in range(warmup):
-            static.step()
-        EagerGraphRunner.captures += 1
-
-    def replay(self):
-        self.static.step()
-
-
-def test_graph_path_logic_on_cpu(monkeypatch):
+def test_graph_path_logic_on_cpu(cpu_graphs):
     """The CUDA-graph driver (_run_graph: one capture per batch bucket, reload of the static buffers after
     capture, noise copied in per row, padded chunks) gives the plain loop's samples."""
-    monkeypatch.setattr(engine, "CudaGraphRunner", EagerGraphRunner)
-    EagerGraphRunner.captures = 0
     den = tiny_denoiser()
     sig, ts = den.schedule.sigmas(3)
     tab = to_device(build_table("euler_ancestral", sig, timesteps=ts), den, "cpu")
@@ -289,7 +264,7 @@ def test_graph_path_logic_on_cpu(monkeypatch):
                                           None, None))
             refs.append(sample_loop(den, x.clone(), tab, y=y, y_null=NUM_CLASSES, guidance_scale=2.0,
                                     generators=make_generators(seeds)))
-    assert EagerGraphRunner.captures == 2 and sorted(runners["graphs"]) == [("key", 1), ("key", 4)]
+    assert cpu_graphs.captures == 2 and sorted(runners["graphs"]) == [("key", 1), ("key", 4)]
     for out, ref in zip(outs, refs, strict=True):
         assert out.shape == ref.shape
         assert rel_l2(out, ref) < 1e-5

@@ -35,13 +35,10 @@ CUDA = torch.cuda.is_available()
 
 
 @pytest.fixture(autouse=True)
-def one_thread_fresh_cache():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def fresh_cache(one_thread):
     fastdiff.clear_cache()
     yield
     fastdiff.clear_cache()
-    torch.set_num_threads(old)
 
 
 def tiny_model(seed: int = 0) -> ADMUNet:
@@ -233,29 +230,6 @@ def test_diffusers_unet_passed_to_sample_comes_back_unchanged():
 # ---------------------------------------------------------------------------------------------
 # Repeated calls: graphs and probes cached (CUDA parts stood in for on the CPU)
 # ---------------------------------------------------------------------------------------------
-
-
-class EagerGraphRunner:
-    """CudaGraphRunner's contract on the CPU: warm-up steps scribble on the static buffers, replay = step."""
-
-    captures = 0
-
-    def __init__(self, static, warmup: int = 2):
-        self.static = static
-        for _ in range(warmup):
-            static.step()
-        EagerGraphRunner.captures += 1
-
-    def replay(self):
-        self.static.step()
-
-
-@pytest.fixture
-def cpu_graphs(monkeypatch):
-    monkeypatch.setattr(engine, "_graph_capable", lambda device: True)
-    monkeypatch.setattr(engine, "CudaGraphRunner", EagerGraphRunner)
-    EagerGraphRunner.captures = 0
-    return EagerGraphRunner
 
 
 def test_graph_path_is_captured_once_across_calls(cpu_graphs, monkeypatch):

@@ -21,12 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 ROWS = 5  # the tiny model's label table: labels 0..3, null label 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(num_classes=ROWS) -> ADMUNet:

@@ -31,13 +31,10 @@ SHARED = (8, 300)  # a tensor shared by every sample, past repr's 1000-element s
 
 
 @pytest.fixture(autouse=True)
-def one_thread_fresh_cache():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def fresh_cache(one_thread):
     fastdiff.clear_cache()
     yield
     fastdiff.clear_cache()
-    torch.set_num_threads(old)
 
 
 class PromptNet(nn.Module):
@@ -134,29 +131,6 @@ def test_static_step_buffers_and_constants():
 # ---------------------------------------------------------------------------------------------
 # The graph path: one capture per shape, constants by content
 # ---------------------------------------------------------------------------------------------
-
-
-class EagerGraphRunner:
-    """CudaGraphRunner's contract on the CPU: warm-up steps scribble on the static buffers, replay = step."""
-
-    captures = 0
-
-    def __init__(self, static, warmup: int = 2):
-        self.static = static
-        for _ in range(warmup):
-            static.step()
-        EagerGraphRunner.captures += 1
-
-    def replay(self):
-        self.static.step()
-
-
-@pytest.fixture
-def cpu_graphs(monkeypatch):
-    monkeypatch.setattr(engine, "_graph_capable", lambda device: True)
-    monkeypatch.setattr(engine, "CudaGraphRunner", EagerGraphRunner)
-    EagerGraphRunner.captures = 0
-    return EagerGraphRunner
 
 
 def test_graph_path_replays_new_prompts_and_keys_on_shapes_and_shared_values(cpu_graphs):

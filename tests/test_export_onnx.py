@@ -38,13 +38,7 @@ MODELS = list(UPSTREAM) + ["ddpm_tiny"]
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core runner: one intra-op thread avoids wake-up overheads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def build_model(name):

@@ -22,12 +22,7 @@ CFG = dict(image_size=8, in_channels=3, model_channels=32, out_channels=3, num_r
 N = 7
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model(seed=0):

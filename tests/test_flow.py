@@ -26,12 +26,7 @@ FLOW_SAMPLERS = ["euler", "heun", "dpmpp_2m", "unipc", "lcm", "euler_ancestral",
 CONVERGES = [s for s in FLOW_SAMPLERS if s != "lcm"]  # lcm re-noises the posterior mean: it loses variance
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 # ---------------------------------------------------------------------------------------------

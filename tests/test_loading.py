@@ -17,12 +17,7 @@ TINY_DIT = dict(input_size=8, depth=2, hidden_size=64, num_heads=2, num_classes=
 TINY_UVIT = dict(img_size=8, embed_dim=64, depth=2, num_heads=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

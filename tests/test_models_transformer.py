@@ -20,14 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 FAMILIES = {"dit": ("dit_tiny", DiT), "uvit": ("uvit_tiny", UViT)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: with two intra-op threads on a loaded 2-core runner every op pays
-    thread wake-ups (a 1.6 ms forward took 46 ms), so this module runs single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @functools.lru_cache(maxsize=None)

@@ -514,8 +514,9 @@ _SAMPLE_ONLY = ("batch_size", "compile", "cuda_graph", "channels_last", "memory_
 
 
 def _check_runtime_kwargs(kwargs: dict) -> None:
-    import difflib
     import inspect
+
+    from fastdiff.engine_args import did_you_mean
 
     for key in ("callback", "model_kwargs"):
         if kwargs.get(key):
@@ -525,9 +526,8 @@ def _check_runtime_kwargs(kwargs: dict) -> None:
     if unknown:
         known = [p for p in inspect.signature(sample_onnxruntime).parameters if p != "kwargs"]
         known += list(_SAMPLE_ONLY)
-        close = difflib.get_close_matches(unknown[0], known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise TypeError(f"sample_onnxruntime() got an unexpected keyword argument {unknown[0]!r}{hint}"
+        raise TypeError(f"sample_onnxruntime() got an unexpected keyword argument {unknown[0]!r}"
+                        f"{did_you_mean(unknown[0], known)}"
                         + (f"; also {unknown[1:]}" if len(unknown) > 1 else ""))
 
 

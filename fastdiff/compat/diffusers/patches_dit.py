@@ -19,7 +19,7 @@ diffusers' ``BasicTransformerBlock``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +29,13 @@ from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DMod
 from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
 from torch import Tensor
 
-from fastdiff.compat.diffusers.patches_transformer import gated_residual, layer_norm_modulated, plain_layer_norm
-from fastdiff.compat.diffusers.patching import ModulePatch, swap_forward
+from fastdiff.compat.diffusers.patches_transformer import (
+    gated_residual,
+    layer_norm_modulated,
+    plain_layer_norm,
+    plain_layer_norms,
+)
+from fastdiff.compat.diffusers.patching import ModulePatch
 
 __all__ = ["BasicTransformerBlockPatch", "PixArtTransformer2DModelPatch", "DiTTransformer2DModelPatch", "DIT_PATCHES"]
 
@@ -103,22 +108,18 @@ class BasicTransformerBlockPatch(ModulePatch):
 
     target = BasicTransformerBlock
     checked = {"forward": BASIC_TRANSFORMER_BLOCK_FORWARD}
+    forward_fn = basic_transformer_block_forward
 
     def matches(self, module) -> bool:
         return isinstance(module, BasicTransformerBlock) and getattr(module, "norm_type", None) in ADA_NORM_TYPES
 
     def check_structure(self, block: BasicTransformerBlock) -> Optional[str]:
-        fused = ("norm1", "norm2") if block.norm_type == "ada_norm_single" else ("norm3",)
-        for name in fused:
-            reason = plain_layer_norm(getattr(block, name, None), name)
-            if reason:
-                return reason
+        reason = plain_layer_norms(block, ("norm1", "norm2") if block.norm_type == "ada_norm_single" else ("norm3",))
+        if reason:
+            return reason
         if block.norm_type == "ada_norm_single" and block.scale_shift_table.shape[0] != 6:
             return f"scale_shift_table has {block.scale_shift_table.shape[0]} rows, not 6"
         return None
-
-    def apply(self, block: BasicTransformerBlock) -> Callable[[], None]:
-        return swap_forward(block, basic_transformer_block_forward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,15 +207,10 @@ def dit_transformer_2d_forward(self: DiTTransformer2DModel, hidden_states: Tenso
 
 
 class _ModelOutputNormPatch(ModulePatch):
-    forward_fn: Callable = None
-
     def check_structure(self, model) -> Optional[str]:
         if hasattr(type(model).forward, "__wrapped__"):  # a decorator the instance forward would bypass
             return f"{type(model).__name__}.forward is decorated"
         return plain_layer_norm(getattr(model, "norm_out", None), "norm_out")
-
-    def apply(self, model) -> Callable[[], None]:
-        return swap_forward(model, type(self).forward_fn)
 
 
 class PixArtTransformer2DModelPatch(_ModelOutputNormPatch):

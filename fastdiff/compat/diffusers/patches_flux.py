@@ -32,9 +32,9 @@ from fastdiff.compat.diffusers.patches_transformer import (
     gated_residual,
     joint_qk_norm_rope,
     layer_norm_modulated,
-    plain_layer_norm,
+    plain_layer_norms,
 )
-from fastdiff.compat.diffusers.patching import ModulePatch, swap_forward
+from fastdiff.compat.diffusers.patching import ModulePatch, swap_processor
 
 __all__ = ["FluxTransformerBlockPatch", "FluxSingleTransformerBlockPatch", "FluxAttnProcessorPatch",
            "FastdiffFluxAttnProcessor", "FLUX_PATCHES"]
@@ -106,16 +106,10 @@ class FluxTransformerBlockPatch(ModulePatch):
 
     target = FluxTransformerBlock
     checked = {"forward": FLUX_TRANSFORMER_BLOCK_FORWARD}
+    forward_fn = flux_transformer_block_forward
 
     def check_structure(self, block: FluxTransformerBlock) -> Optional[str]:
-        for name in ("norm2", "norm2_context"):
-            reason = plain_layer_norm(getattr(block, name, None), name)
-            if reason:
-                return reason
-        return None
-
-    def apply(self, block: FluxTransformerBlock) -> Callable[[], None]:
-        return swap_forward(block, flux_transformer_block_forward)
+        return plain_layer_norms(block, ("norm2", "norm2_context"))
 
 
 class FluxSingleTransformerBlockPatch(ModulePatch):
@@ -123,9 +117,7 @@ class FluxSingleTransformerBlockPatch(ModulePatch):
 
     target = FluxSingleTransformerBlock
     checked = {"forward": FLUX_SINGLE_TRANSFORMER_BLOCK_FORWARD}
-
-    def apply(self, block: FluxSingleTransformerBlock) -> Callable[[], None]:
-        return swap_forward(block, flux_single_transformer_block_forward)
+    forward_fn = flux_single_transformer_block_forward
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,13 +217,7 @@ class FluxAttnProcessorPatch(ModulePatch):
         return None
 
     def apply(self, attn: FluxAttention) -> Callable[[], None]:
-        original = attn.processor
-        attn.processor = FastdiffFluxAttnProcessor()
-
-        def undo():
-            attn.processor = original
-
-        return undo
+        return swap_processor(attn, FastdiffFluxAttnProcessor())
 
 
 FLUX_PATCHES = (FluxTransformerBlockPatch(), FluxSingleTransformerBlockPatch(), FluxAttnProcessorPatch())

@@ -28,9 +28,9 @@ from fastdiff.compat.diffusers.patches_transformer import (
     gated_residual,
     joint_qk_norm_rope,
     layer_norm_modulated,
-    plain_layer_norm,
+    plain_layer_norms,
 )
-from fastdiff.compat.diffusers.patching import ModulePatch, swap_forward
+from fastdiff.compat.diffusers.patching import ModulePatch, swap_processor
 
 __all__ = ["JointTransformerBlockPatch", "JointAttnProcessorPatch", "FastdiffJointAttnProcessor", "MMDIT_PATCHES"]
 
@@ -89,17 +89,10 @@ class JointTransformerBlockPatch(ModulePatch):
 
     target = JointTransformerBlock
     checked = {"forward": JOINT_TRANSFORMER_BLOCK_FORWARD}
+    forward_fn = joint_transformer_block_forward
 
     def check_structure(self, block: JointTransformerBlock) -> Optional[str]:
-        names = ("norm2",) if block.context_pre_only else ("norm2", "norm2_context")
-        for name in names:
-            reason = plain_layer_norm(getattr(block, name, None), name)
-            if reason:
-                return reason
-        return None
-
-    def apply(self, block: JointTransformerBlock) -> Callable[[], None]:
-        return swap_forward(block, joint_transformer_block_forward)
+        return plain_layer_norms(block, ("norm2",) if block.context_pre_only else ("norm2", "norm2_context"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,13 +175,7 @@ class JointAttnProcessorPatch(ModulePatch):
         return None
 
     def apply(self, attn: Attention) -> Callable[[], None]:
-        original = attn.processor
-        attn.processor = FastdiffJointAttnProcessor()
-
-        def undo():
-            attn.processor = original
-
-        return undo
+        return swap_processor(attn, FastdiffJointAttnProcessor())
 
 
 MMDIT_PATCHES = (JointTransformerBlockPatch(), JointAttnProcessorPatch())

@@ -22,7 +22,7 @@ forward never refuses an input the original takes.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from diffusers.models.normalization import (
@@ -34,9 +34,10 @@ from diffusers.models.normalization import (
 from torch import Tensor, nn
 
 from fastdiff import ops
-from fastdiff.compat.diffusers.patching import ModulePatch, hooks_on, swap_forward
+from fastdiff.compat.diffusers.patching import ModulePatch, hooks_on
 
-__all__ = ["layer_norm_modulated", "gated_residual", "joint_qk_norm_rope", "plain_layer_norm", "transformer_patches",
+__all__ = ["layer_norm_modulated", "gated_residual", "joint_qk_norm_rope", "plain_layer_norm", "plain_layer_norms",
+           "transformer_patches",
            "AdaLayerNormZeroPatch", "AdaLayerNormZeroSinglePatch", "SD35AdaLayerNormZeroXPatch",
            "AdaLayerNormContinuousPatch"]
 
@@ -98,6 +99,15 @@ def plain_layer_norm(norm, name: str) -> Optional[str]:
     hooks = hooks_on(norm)
     if hooks:
         return f"hooks on {name}, which the fused forward does not call: {', '.join(hooks)}"
+    return None
+
+
+def plain_layer_norms(module: nn.Module, names) -> Optional[str]:
+    """:func:`plain_layer_norm` of each named submodule of ``module``: the first reason, or None."""
+    for name in names:
+        reason = plain_layer_norm(getattr(module, name, None), name)
+        if reason:
+            return reason
     return None
 
 
@@ -225,8 +235,6 @@ class _AdaNormPatch(ModulePatch):
     """An adaLN module whose ``norm`` (a plain LayerNorm) the fused forward replaces; its ``silu`` and
     ``linear`` are still called."""
 
-    forward_fn: Callable = None
-
     def check_structure(self, module: nn.Module) -> Optional[str]:
         reason = plain_layer_norm(getattr(module, "norm", None), "norm")
         if reason:
@@ -234,9 +242,6 @@ class _AdaNormPatch(ModulePatch):
         if type(module.silu) is not nn.SiLU:
             return f"silu is {type(module.silu).__name__}"
         return None
-
-    def apply(self, module: nn.Module) -> Callable[[], None]:
-        return swap_forward(module, type(self).forward_fn)
 
 
 class AdaLayerNormZeroPatch(_AdaNormPatch):

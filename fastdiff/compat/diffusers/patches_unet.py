@@ -30,7 +30,14 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from torch import Tensor, nn
 
 from fastdiff import ops
-from fastdiff.compat.diffusers.patching import ModulePatch, hooks_on, identity_forward, pair_fusable, swap_forward
+from fastdiff.compat.diffusers.patching import (
+    ModulePatch,
+    hooks_on,
+    identity_forward,
+    pair_fusable,
+    swap_forward,
+    swap_processor,
+)
 
 __all__ = ["ResnetBlock2DPatch", "AttentionPatch", "FastdiffAttnProcessor", "NormActPatch",
            "Transformer2DModelPatch", "group_norm"]
@@ -128,6 +135,7 @@ class ResnetBlock2DPatch(ModulePatch):
 
     target = ResnetBlock2D
     checked = {"forward": RESNET_BLOCK_2D_FORWARD}
+    forward_fn = resnet_block_2d_forward
 
     def check_structure(self, block: ResnetBlock2D) -> Optional[str]:
         for name in ("norm1", "norm2"):
@@ -140,9 +148,6 @@ class ResnetBlock2DPatch(ModulePatch):
         if hooks:
             return f"hooks on modules the fused forward does not call: {', '.join(hooks)}"
         return None
-
-    def apply(self, block: ResnetBlock2D) -> Callable[[], None]:
-        return swap_forward(block, resnet_block_2d_forward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,15 +239,9 @@ class AttentionPatch(ModulePatch):
         return self._code_mismatch(AttnProcessor2_0.__call__, ATTN_PROCESSOR_2_0_CALL)
 
     def apply(self, attn: Attention) -> Callable[[], None]:
-        original = attn.processor
         norm = attn.group_norm
         fuse = norm is None or (_is_plain(norm, nn.GroupNorm) and not hooks_on(norm))
-        attn.processor = FastdiffAttnProcessor(fuse_group_norm=fuse)
-
-        def undo():
-            attn.processor = original
-
-        return undo
+        return swap_processor(attn, FastdiffAttnProcessor(fuse_group_norm=fuse))
 
 
 # ---------------------------------------------------------------------------------------------

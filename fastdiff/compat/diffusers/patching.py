@@ -23,10 +23,11 @@ the same order as the diffusers forward it mirrors, except where it fuses; a ``M
 after the class (``BasicTransformerBlockPatch``) with ``target``, ``checked`` (digests from
 :func:`code_digest` of that forward, for the releases read; :func:`node_digest` computes them from a release's
 source file), ``check_structure`` (the submodule types and attributes the fused forward assumes, hooks it
-bypasses: return the reason when they do not hold) and ``apply`` (``swap_forward`` or a processor swap,
-returning the undo); then add an instance to the tuple ``accelerate._patches()`` returns (a module
-``patches_transformer.py`` with ``TRANSFORMER_PATCHES``, as ``patches_unet.UNET_PATCHES``). The tests compare the
-patched model with the unpatched one in float32 and check the report and the undo.
+bypasses: return the reason when they do not hold) and ``forward_fn`` (the fused forward, which ``apply``
+installs with ``swap_forward``), or its own ``apply`` returning the undo (a processor swap: :func:`swap_processor`);
+then add an instance to the tuple ``accelerate._patches()`` returns (a module ``patches_transformer.py`` with
+``TRANSFORMER_PATCHES``, as ``patches_unet.UNET_PATCHES``). The tests compare the patched model with the unpatched
+one in float32 and check the report and the undo.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from typing import Callable, Optional
 
 from torch import nn
 
-__all__ = ["ModulePatch", "code_digest", "node_digest", "swap_forward", "hooks_on", "pair_fusable", "identity_forward"]
+__all__ = ["ModulePatch", "code_digest", "node_digest", "swap_forward", "swap_processor", "hooks_on", "pair_fusable",
+           "identity_forward"]
 
 
 def code_digest(fn) -> str:
@@ -151,11 +153,13 @@ def pair_fusable(fn, norm: str, act: str) -> Optional[str]:
 
 
 class ModulePatch:
-    """Base of every patch (see the module docstring). Subclasses set ``target`` and ``checked`` and
-    implement :meth:`check_structure` and :meth:`apply`; the report lists a patch under :attr:`name`."""
+    """Base of every patch (see the module docstring). Subclasses set ``target`` and ``checked``, implement
+    :meth:`check_structure`, and either set ``forward_fn`` (the fused forward :meth:`apply` installs with
+    :func:`swap_forward`) or implement :meth:`apply`; the report lists a patch under :attr:`name`."""
 
     target: type = None
     checked: dict = {}
+    forward_fn: Optional[Callable] = None
 
     @property
     def name(self) -> str:
@@ -196,4 +200,17 @@ class ModulePatch:
         return None
 
     def apply(self, module: nn.Module) -> Callable[[], None]:
-        raise NotImplementedError
+        if type(self).forward_fn is None:
+            raise NotImplementedError(f"{type(self).__name__} sets no forward_fn and does not implement apply")
+        return swap_forward(module, type(self).forward_fn)
+
+
+def swap_processor(attn: nn.Module, processor) -> Callable[[], None]:
+    """Make ``processor`` the attention module's processor; returns the undo (which puts the original back)."""
+    original = attn.processor
+    attn.processor = processor
+
+    def undo():
+        attn.processor = original
+
+    return undo

@@ -257,6 +257,16 @@ def check_inference_steps(num_inference_steps, n: int) -> int:
     return int(num_inference_steps)
 
 
+def reject_integer_timestep(timestep, name: str, scalar_only: bool = False) -> None:
+    """diffusers' error for a step index passed as the timestep (an int, or an integer tensor; with
+    ``scalar_only``, only a 0-d one, as diffusers' Euler checks)."""
+    integer = isinstance(timestep, Tensor) and not timestep.is_floating_point()
+    if isinstance(timestep, int) or (integer and (timestep.dim() == 0 or not scalar_only)):
+        raise ValueError(f"Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
+                         f"`{name}.step()` is not supported. Make sure to pass one of the "
+                         "`scheduler.timesteps` as a timestep.")
+
+
 def _check_one_spacing(cfg) -> None:
     if sum(bool(getattr(cfg, k, False)) for k in ("use_beta_sigmas", "use_exponential_sigmas",
                                                    "use_karras_sigmas")) > 1:
@@ -311,6 +321,7 @@ class _TableScheduler(SchedulerMixin, ConfigMixin):
     _warmup = False          # multistep: the table starts where the run starts
     _needs_set_timesteps = False  # step before set_timesteps raises, as diffusers' multistep solvers do
     _rowwise = False         # True: the row of each call is built from the scheduler's state (LCM, KDPM2, ...)
+    _unknown_timestep_last = False  # index_for_timestep of a timestep not in the schedule: the last step
 
     @classmethod
     def _get_compatibles(cls) -> list:
@@ -327,6 +338,27 @@ class _TableScheduler(SchedulerMixin, ConfigMixin):
             if c is not None:
                 out.append(c)
         return out
+
+    # -- config -----------------------------------------------------------------------------------
+
+    def _remap_config(self, key: str, value, supported: tuple, aliases: tuple, to, label: str = "") -> None:
+        """diffusers' remapping of another solver's config value: one in ``supported`` stays, one in ``aliases``
+        becomes ``to`` in the config, anything else is NotImplementedError."""
+        if value in supported:
+            return
+        if value not in aliases:
+            raise NotImplementedError(f"{label}{value} is not implemented for {type(self).__name__}")
+        self.register_to_config(**{key: to})
+
+    def _check_dpm_solver(self, algorithm_type: str, solver_type: str, final_sigmas_type: str,
+                          algorithms: tuple) -> None:
+        """The DPM-Solver family's config (multistep, singlestep, EDM): ``deis`` runs as ``dpmsolver++`` and
+        another solver's type as ``midpoint``; the noise-prediction forms need a nonzero final sigma."""
+        self._remap_config("algorithm_type", algorithm_type, algorithms, ("deis",), "dpmsolver++")
+        self._remap_config("solver_type", solver_type, ("midpoint", "heun"), ("logrho", "bh1", "bh2"), "midpoint")
+        if self.config.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++") and final_sigmas_type == "zero":
+            raise ValueError(f"`final_sigmas_type` {final_sigmas_type} is not supported for `algorithm_type` "
+                             f"{self.config.algorithm_type}. Please choose `sigma_min` instead.")
 
     # -- schedule ---------------------------------------------------------------------------------
 
@@ -345,13 +377,17 @@ class _TableScheduler(SchedulerMixin, ConfigMixin):
         if rescale_betas_zero_snr and clamp_terminal:
             self.alphas_cumprod[-1] = 2 ** -24  # diffusers: so that sigma is finite
         self.num_inference_steps = None
-        self._step_index = None
-        self._begin_index = None
-        self._reset_state()
+        self._start_run()
 
     def _train_sigmas(self) -> np.ndarray:
         """diffusers' ``((1 - abar) / abar) ** 0.5`` in float32, as a numpy array."""
         return (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
+
+    def _start_run(self) -> None:
+        """A new run: no step or begin index yet, and none of the last run's tables or history."""
+        self._step_index = None
+        self._begin_index = None
+        self._reset_state()
 
     def _reset_state(self) -> None:
         self._run_start = None
@@ -376,11 +412,14 @@ class _TableScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index = begin_index
 
     def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
-        """Index of ``timestep`` in ``schedule_timesteps`` (the second match if it repeats)."""
+        """Index of ``timestep`` in ``schedule_timesteps`` (the second match if it repeats). A timestep not in
+        it is an error, or the last step where ``_unknown_timestep_last`` (diffusers' multistep solvers)."""
         if schedule_timesteps is None:
             schedule_timesteps = self.timesteps
         idx = (schedule_timesteps == timestep).nonzero()
         if len(idx) == 0:
+            if self._unknown_timestep_last:
+                return len(self.timesteps) - 1
             raise ValueError(f"timestep {timestep!r} is not one of scheduler.timesteps")
         return int(idx[1 if len(idx) > 1 else 0].item())
 
@@ -441,6 +480,23 @@ class _TableScheduler(SchedulerMixin, ConfigMixin):
         """The whole run's table for these step options."""
         key = ("run",) + tuple(sorted(options.items()))
         return self._cached(key, lambda: self._build_table(**options), device)
+
+    def _orders(self, start: int, final_rule) -> list:
+        """diffusers' per-step order of a multistep solver (``solver_order``, ``lower_order_final``): warm-up
+        from the run's start, lower orders at the end (``final_rule``: the last step is first order)."""
+        cfg, n = self.config, len(self.timesteps)
+        out = []
+        for i in range(start, n):
+            done = min(i - start, cfg.solver_order)
+            last = i == n - 1 and final_rule
+            second = i == n - 2 and cfg.lower_order_final and n < 15
+            if cfg.solver_order == 1 or done < 1 or last:
+                out.append(1)
+            elif cfg.solver_order == 2 or done < 2 or second:
+                out.append(2)
+            else:
+                out.append(3)
+        return out
 
     # -- rows -------------------------------------------------------------------------------------
 
@@ -549,10 +605,15 @@ class _TableScheduler(SchedulerMixin, ConfigMixin):
             x0 = torch.minimum(torch.maximum(x0, -b), b) * clip[:, 1].to(cd).reshape(view)
         return x0.to(x.dtype)
 
-    def _check_ready(self) -> None:
-        if self._needs_set_timesteps and self.num_inference_steps is None:
+    def _require_timesteps(self) -> None:
+        """diffusers' error for a step before ``set_timesteps``."""
+        if self.num_inference_steps is None:
             raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after "
                              "creating the scheduler")
+
+    def _check_ready(self) -> None:
+        if self._needs_set_timesteps:
+            self._require_timesteps()
 
     def _fused_step(self, model_output: Tensor, timestep, sample: Tensor, *, options=None, noise_fn=None,
                     variance: Optional[Tensor] = None, return_dict: bool = True, output_cls=SchedulerOutput):
@@ -625,6 +686,30 @@ class _VPScheduler(_TableScheduler):
         return a * noise - s * sample
 
 
+class _CustomTimesteps:
+    """Integer timesteps a caller may give itself (DDPM, LCM, TCD): diffusers' checks of them and its
+    ``previous_timestep``."""
+
+    def _custom_timesteps(self, timesteps) -> np.ndarray:
+        """``timesteps`` as int64 after diffusers' checks (descending, below num_train_timesteps)."""
+        n = self.config.num_train_timesteps
+        for i in range(1, len(timesteps)):
+            if timesteps[i] >= timesteps[i - 1]:
+                raise ValueError("`custom_timesteps` must be in descending order.")
+        if timesteps[0] >= n:
+            raise ValueError(f"`timesteps` must start before `self.config.train_timesteps`: {n}.")
+        self.custom_timesteps = True
+        return np.array(timesteps, dtype=np.int64)
+
+    def previous_timestep(self, timestep):
+        if self.custom_timesteps or self.num_inference_steps:
+            index = (self.timesteps == timestep).nonzero(as_tuple=True)[0][0]
+            if index == self.timesteps.shape[0] - 1:
+                return torch.tensor(-1)
+            return self.timesteps[index + 1]
+        return timestep - 1
+
+
 class _SigmaScheduler(_TableScheduler):
     """Schedulers whose sample is the sigma-view state x0 + sigma eps (Euler, Heun, LMS, KDPM2)."""
 
@@ -682,6 +767,33 @@ class _SigmaScheduler(_TableScheduler):
             sigmas = convert(sigmas, steps, lo, hi)
             timesteps = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas])
         return sigmas, timesteps
+
+
+class _HeunStages:
+    """Heun's method as diffusers' Heun schedulers call it (sigma and flow): two calls per step, so every
+    timestep and sigma after the first repeats; the table is built on ``_step_sigmas``, one per step."""
+
+    order = 2
+
+    def _heun_layout(self, step_sigmas: Tensor, step_timesteps: Tensor, device) -> None:
+        """``sigmas`` / ``timesteps`` per call from one sigma per step (with the final one) and one timestep
+        per step."""
+        self._step_sigmas = step_sigmas
+        self.sigmas = torch.cat([step_sigmas[:1], step_sigmas[1:-1].repeat_interleave(2), step_sigmas[-1:]])
+        ts = torch.cat([step_timesteps[:1], step_timesteps[1:].repeat_interleave(2)])
+        self.timesteps = ts.to(device=device, dtype=torch.float32)
+
+    @property
+    def state_in_first_order(self) -> bool:
+        """True when the next call is a step's first (Euler) stage."""
+        if self._step_index is None or not self._tables:
+            return True
+        table = next(iter(self._tables.values()))[0]
+        i = self._step_index
+        return i >= table.num_rows or i == 0 or table.step[i] != table.step[i - 1]
+
+    def _per_sample_ok(self) -> bool:
+        return False  # a timestep names two calls of a step, not one row
 
 
 def churn_gammas(sigmas: np.ndarray, s_churn: float, s_tmin: float, s_tmax: float) -> np.ndarray:

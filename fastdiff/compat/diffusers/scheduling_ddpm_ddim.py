@@ -12,6 +12,7 @@ from torch import Tensor
 
 from fastdiff.compat.diffusers.scheduling_base import (
     KARRAS_SCHEDULERS,
+    _CustomTimesteps,
     _spaced,
     _vp_sigmas,
     _VPScheduler,
@@ -25,7 +26,7 @@ _DDPM_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large
                    "learned_range")
 
 
-class DDPMScheduler(_VPScheduler):
+class DDPMScheduler(_CustomTimesteps, _VPScheduler):
     """diffusers' ``DDPMScheduler`` (Ho et al. 2020): the ancestral posterior step of
     :func:`fastdiff.samplers.ddpm`, one row per timestep in diffusers' float32 arithmetic.
 
@@ -60,13 +61,7 @@ class DDPMScheduler(_VPScheduler):
         if num_inference_steps is not None and timesteps is not None:
             raise ValueError("Can only pass one of `num_inference_steps` or `custom_timesteps`.")
         if timesteps is not None:
-            for i in range(1, len(timesteps)):
-                if timesteps[i] >= timesteps[i - 1]:
-                    raise ValueError("`custom_timesteps` must be in descending order.")
-            if timesteps[0] >= n:
-                raise ValueError(f"`timesteps` must start before `self.config.train_timesteps`: {n}.")
-            ts = np.array(timesteps, dtype=np.int64)
-            self.custom_timesteps = True
+            ts = self._custom_timesteps(timesteps)
         else:
             self.num_inference_steps = check_inference_steps(num_inference_steps, n)
             ts = _spaced(self.config.timestep_spacing, n, num_inference_steps, self.config.steps_offset,
@@ -74,14 +69,6 @@ class DDPMScheduler(_VPScheduler):
             self.custom_timesteps = False
         self.timesteps = torch.from_numpy(ts).to(device)
         self._reset_state()
-
-    def previous_timestep(self, timestep):
-        if self.custom_timesteps or self.num_inference_steps:
-            index = (self.timesteps == timestep).nonzero(as_tuple=True)[0][0]
-            if index == self.timesteps.shape[0] - 1:
-                return torch.tensor(-1)
-            return self.timesteps[index + 1]
-        return timestep - 1
 
     def _get_variance(self, t, predicted_variance=None, variance_type=None):
         """diffusers' DDPM variance at t (float32, the same arithmetic)."""
@@ -200,9 +187,7 @@ class DDIMScheduler(_VPScheduler):
              use_clipped_model_output: bool = False, generator=None, variance_noise: Optional[Tensor] = None,
              return_dict: bool = True):
         """One DDIM(eta) step; noise from ``variance_noise`` or ``generator`` when eta > 0, as diffusers."""
-        if self.num_inference_steps is None:
-            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after "
-                             "creating the scheduler")
+        self._require_timesteps()
         if eta > 0 and variance_noise is not None and generator is not None:
             raise ValueError("Cannot pass both generator and variance_noise. Please make sure that either "
                              "`generator` or `variance_noise` stays `None`.")

@@ -22,6 +22,7 @@ from fastdiff.compat.diffusers.scheduling_base import (
     churn_gammas,
     randn_tensor,
     register_to_config,
+    reject_integer_timestep,
 )
 
 
@@ -109,9 +110,7 @@ class EDMEulerScheduler(_EDMScheduler):
         self.timesteps = self.precondition_noise(sigmas)
         self.sigmas = torch.cat([sigmas, torch.full((1,), fill_value=float(self._final(sigmas)))])
         self.is_scale_input_called = False
-        self._step_index = None
-        self._begin_index = None
-        self._reset_state()
+        self._start_run()
 
     def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None, sigmas=None):
         self.num_inference_steps = num_inference_steps
@@ -127,9 +126,7 @@ class EDMEulerScheduler(_EDMScheduler):
         self.timesteps = self.precondition_noise(sig)
         last = torch.full((1,), fill_value=float(self._final(sig)), device=sig.device)
         self.sigmas = torch.cat([sig, last]).to("cpu")
-        self._step_index = None
-        self._begin_index = None
-        self._reset_state()
+        self._start_run()
 
     def _build_table(self, given_x0: bool = False, s_churn: float = 0.0, s_tmin: float = 0.0,
                      s_tmax: float = float("inf"), s_noise: float = 1.0) -> S.SamplerTable:
@@ -155,10 +152,7 @@ class EDMEulerScheduler(_EDMScheduler):
              pred_original_sample: Optional[Tensor] = None):
         """One Euler step from ``sigmas[i]`` to ``sigmas[i + 1]`` (with ``s_churn``, Karras' churn noise from
         ``generator`` where the step's gamma > 0 is the row's noise term)."""
-        if isinstance(timestep, int) or (isinstance(timestep, Tensor) and not timestep.is_floating_point()):
-            raise ValueError("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
-                             "`EDMEulerScheduler.step()` is not supported. Make sure to pass one of the "
-                             "`scheduler.timesteps` as a timestep.")
+        reject_integer_timestep(timestep, "EDMEulerScheduler")
         given = pred_original_sample is not None
         opts = {"given_x0": given}
         if s_churn > 0:
@@ -195,6 +189,7 @@ class EDMDPMSolverMultistepScheduler(_EDMScheduler):
     _x0_output = False
     _warmup = True
     _needs_set_timesteps = True
+    _unknown_timestep_last = True
 
     @register_to_config
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5,
@@ -204,25 +199,14 @@ class EDMDPMSolverMultistepScheduler(_EDMScheduler):
                  sample_max_value: float = 1.0, algorithm_type: str = "dpmsolver++",
                  solver_type: str = "midpoint", lower_order_final: bool = True, euler_at_final: bool = False,
                  final_sigmas_type: str = "zero"):
-        if algorithm_type not in ("dpmsolver++", "sde-dpmsolver++"):
-            if algorithm_type == "deis":
-                self.register_to_config(algorithm_type="dpmsolver++")
-            else:
-                raise NotImplementedError(f"{algorithm_type} is not implemented for {type(self).__name__}")
-        if solver_type not in ("midpoint", "heun"):
-            if solver_type in ("logrho", "bh1", "bh2"):
-                self.register_to_config(solver_type="midpoint")
-            else:
-                raise NotImplementedError(f"{solver_type} is not implemented for {type(self).__name__}")
+        self._check_dpm_solver(algorithm_type, solver_type, final_sigmas_type, ("dpmsolver++", "sde-dpmsolver++"))
         ramp = torch.linspace(0, 1, num_train_timesteps)
         sigmas = self._ramp_sigmas(ramp)
         self.timesteps = self.precondition_noise(sigmas)
         self.sigmas = torch.cat([sigmas, torch.zeros(1)]).to("cpu")
         self.num_inference_steps = None
         self.lower_order_nums = 0
-        self._step_index = None
-        self._begin_index = None
-        self._reset_state()
+        self._start_run()
 
     def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None):
         if num_inference_steps is None or num_inference_steps < 1:
@@ -236,34 +220,15 @@ class EDMDPMSolverMultistepScheduler(_EDMScheduler):
         last = self.config.sigma_min if kind == "sigma_min" else 0
         self.sigmas = torch.cat([sig, torch.tensor([last], dtype=torch.float32, device=device)]).to("cpu")
         self.lower_order_nums = 0
-        self._step_index = None
-        self._begin_index = None
-        self._reset_state()
-
-    def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
-        if schedule_timesteps is None:
-            schedule_timesteps = self.timesteps
-        idx = (schedule_timesteps == timestep).nonzero()
-        if len(idx) == 0:
-            return len(self.timesteps) - 1
-        return int(idx[1 if len(idx) > 1 else 0].item())
+        self._start_run()
 
     def _build_table(self, start: int = 0) -> S.SamplerTable:
         cfg, n = self.config, len(self.timesteps)
         final_rule = cfg.euler_at_final or (cfg.lower_order_final and n < 15) or cfg.final_sigmas_type == "zero"
-        orders = []
-        for i in range(start, n):
-            done = min(i - start, cfg.solver_order)
-            second = i == n - 2 and cfg.lower_order_final and n < 15
-            if cfg.solver_order == 1 or done < 1 or (i == n - 1 and final_rule):
-                orders.append(1)
-            elif cfg.solver_order == 2 or done < 2 or second:
-                orders.append(2)
-            else:
-                orders.append(3)
         with S.lenient():
-            return S.dpm_multistep(_host(self.sigmas)[start:], orders=orders, algorithm_type=cfg.algorithm_type,
-                                   solver_type=cfg.solver_type, timesteps=_host(self.timesteps)[start:])
+            return S.dpm_multistep(_host(self.sigmas)[start:], orders=self._orders(start, final_rule),
+                                   algorithm_type=cfg.algorithm_type, solver_type=cfg.solver_type,
+                                   timesteps=_host(self.timesteps)[start:])
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, generator=None, return_dict: bool = True):
         """One multistep step; the SDE form draws noise from ``generator``."""

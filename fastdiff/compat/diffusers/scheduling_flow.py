@@ -23,12 +23,14 @@ from fastdiff.compat.diffusers.scheduling_base import (
     _beta_spacing,
     _check_one_spacing,
     _exponential,
+    _HeunStages,
     _host,
     _karras,
     _TableScheduler,
     flow_frame_sigmas,
     randn_tensor,
     register_to_config,
+    reject_integer_timestep,
 )
 from fastdiff.denoiser import x0_coefficients
 
@@ -43,17 +45,25 @@ class FlowMatchHeunDiscreteSchedulerOutput(BaseOutput):
     prev_sample: Tensor
 
 
-def _check_float_timestep(timestep, name: str) -> None:
-    if isinstance(timestep, int) or (isinstance(timestep, Tensor) and not timestep.is_floating_point()):
-        raise ValueError(f"Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
-                         f"`{name}.step()` is not supported. Make sure to pass one of the `scheduler.timesteps` "
-                         "as a timestep.")
-
-
 class _FlowScheduler(_TableScheduler):
     _frame = "flow"
     _x0_output = False
     init_noise_sigma = 1.0
+
+    def _init_flow(self, num_train_timesteps: int, shift: Optional[float]) -> None:
+        """diffusers' training layout: flow times t / N for t = N .. 1, shifted by ``shift`` (None: unshifted,
+        the dynamic shift comes with set_timesteps)."""
+        ts = torch.from_numpy(np.linspace(1, num_train_timesteps, num_train_timesteps,
+                                          dtype=np.float32)[::-1].copy()).to(torch.float32)
+        sigmas = ts / num_train_timesteps
+        if shift is not None:
+            sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+        self.timesteps = sigmas * num_train_timesteps
+        self.sigmas = sigmas.to("cpu")
+        self.sigma_min = self.sigmas[-1].item()
+        self.sigma_max = self.sigmas[0].item()
+        self.num_inference_steps = None
+        self._start_run()
 
     def _x0_pq(self, sigma):
         return x0_coefficients("flow", sigma)
@@ -61,14 +71,7 @@ class _FlowScheduler(_TableScheduler):
     def scale_noise(self, sample: Tensor, timestep, noise: Optional[Tensor] = None) -> Tensor:
         """The forward process ``(1 - s) sample + s noise`` at the timestep's flow time."""
         sigmas = self.sigmas.to(device=sample.device, dtype=sample.dtype)
-        timestep = torch.as_tensor(timestep).to(sample.device).reshape(-1)
-        sched = self.timesteps.to(sample.device)
-        if self._begin_index is None:
-            idx = [self.index_for_timestep(t, sched) for t in timestep]
-        elif self._step_index is not None:
-            idx = [self._step_index] * timestep.shape[0]
-        else:
-            idx = [self._begin_index] * timestep.shape[0]
+        idx = self._step_indices(torch.as_tensor(timestep).reshape(-1), sample.device)
         sigma = _bcast(sigmas[idx].flatten(), sample)
         return sigma * noise + (1.0 - sigma) * sample
 
@@ -98,20 +101,8 @@ class FlowMatchEulerDiscreteScheduler(_FlowScheduler):
         _check_one_spacing(self.config)
         if time_shift_type not in ("exponential", "linear"):
             raise ValueError("`time_shift_type` must either be 'exponential' or 'linear'.")
-        ts = torch.from_numpy(np.linspace(1, num_train_timesteps, num_train_timesteps,
-                                          dtype=np.float32)[::-1].copy()).to(torch.float32)
-        sigmas = ts / num_train_timesteps
-        if not use_dynamic_shifting:
-            sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
-        self.timesteps = sigmas * num_train_timesteps
-        self._step_index = None
-        self._begin_index = None
         self._shift = shift
-        self.sigmas = sigmas.to("cpu")
-        self.sigma_min = self.sigmas[-1].item()
-        self.sigma_max = self.sigmas[0].item()
-        self.num_inference_steps = None
-        self._reset_state()
+        self._init_flow(num_train_timesteps, None if use_dynamic_shifting else shift)
 
     @property
     def shift(self):
@@ -184,9 +175,7 @@ class FlowMatchEulerDiscreteScheduler(_FlowScheduler):
             sigmas = torch.cat([sigmas, torch.zeros(1, device=sigmas.device)])
         self.timesteps = timesteps
         self.sigmas = sigmas
-        self._step_index = None
-        self._begin_index = None
-        self._reset_state()
+        self._start_run()
 
     def _build_table(self, stochastic: bool = False) -> S.SamplerTable:
         s = _host(self.sigmas)
@@ -206,7 +195,7 @@ class FlowMatchEulerDiscreteScheduler(_FlowScheduler):
              s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None, per_token_timesteps=None,
              return_dict: bool = True):
         """One flow-matching Euler step (``s_churn`` and friends are accepted and unused, as in diffusers)."""
-        _check_float_timestep(timestep, "FlowMatchEulerDiscreteScheduler")
+        reject_integer_timestep(timestep, "FlowMatchEulerDiscreteScheduler")
         if per_token_timesteps is not None:
             raise NotImplementedError("per_token_timesteps (a step size per token inside a sample) is not a "
                                       "per-sample table row")
@@ -225,27 +214,15 @@ class FlowMatchEulerDiscreteScheduler(_FlowScheduler):
         return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev)
 
 
-class FlowMatchHeunDiscreteScheduler(_FlowScheduler):
+class FlowMatchHeunDiscreteScheduler(_HeunStages, _FlowScheduler):
     """diffusers' ``FlowMatchHeunDiscreteScheduler``: Heun's method on the velocity, in flow time; the second
     stage is built on the first stage's stored state and velocity, as diffusers keeps them (churn included)."""
 
-    order = 2
     _compatibles: list = []
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0):
-        ts = torch.from_numpy(np.linspace(1, num_train_timesteps, num_train_timesteps,
-                                          dtype=np.float32)[::-1].copy()).to(torch.float32)
-        sigmas = ts / num_train_timesteps
-        sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
-        self.timesteps = sigmas * num_train_timesteps
-        self._step_index = None
-        self._begin_index = None
-        self.sigmas = sigmas.to("cpu")
-        self.sigma_min = self.sigmas[-1].item()
-        self.sigma_max = self.sigmas[0].item()
-        self.num_inference_steps = None
-        self._reset_state()
+        self._init_flow(num_train_timesteps, shift)
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         cfg = self.config
@@ -257,24 +234,8 @@ class FlowMatchHeunDiscreteScheduler(_FlowScheduler):
         sigmas = cfg.shift * sigmas / (1 + (cfg.shift - 1) * sigmas)
         sigmas = torch.from_numpy(sigmas).to(dtype=torch.float32, device=device)
         ts = sigmas * cfg.num_train_timesteps
-        self.timesteps = torch.cat([ts[:1], ts[1:].repeat_interleave(2)]).to(device=device)
-        sigmas = torch.cat([sigmas, torch.zeros(1, device=sigmas.device)])
-        self._step_sigmas = sigmas
-        self.sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]])
-        self._step_index = None
-        self._begin_index = None
-        self._reset_state()
-
-    @property
-    def state_in_first_order(self) -> bool:
-        if self._step_index is None or not self._tables:
-            return True
-        table = next(iter(self._tables.values()))[0]
-        i = self._step_index
-        return i >= table.num_rows or i == 0 or table.step[i] != table.step[i - 1]
-
-    def _per_sample_ok(self) -> bool:
-        return False
+        self._heun_layout(torch.cat([sigmas, torch.zeros(1, device=sigmas.device)]), ts, device)
+        self._start_run()
 
     def _build_table(self, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
                      s_noise: float = 1.0) -> S.SamplerTable:
@@ -304,7 +265,7 @@ class FlowMatchHeunDiscreteScheduler(_FlowScheduler):
         """One stage of Heun's method on the velocity (diffusers calls ``step`` twice per step). With
         ``s_churn``, the churn noise of the first stage is the noise term of both stages' rows (diffusers
         draws a second one in the second stage, whose effect cancels; it is drawn here too, unused)."""
-        _check_float_timestep(timestep, "FlowMatchHeunDiscreteScheduler")
+        reject_integer_timestep(timestep, "FlowMatchHeunDiscreteScheduler")
         opts = {}
         if s_churn > 0:
             opts = {"s_churn": float(s_churn), "s_tmin": float(s_tmin), "s_tmax": float(s_tmax),

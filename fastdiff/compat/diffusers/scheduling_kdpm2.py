@@ -73,15 +73,23 @@ class _KDPM2Base(_SigmaScheduler):
     def _twice(v: Tensor) -> Tensor:
         return torch.cat([v[:1], v[1:].repeat_interleave(2), v[-1:]])
 
+    def _lay_out_calls(self, sig: Tensor, interpol: Tensor, ts: Tensor, log_sigmas: np.ndarray, device) -> None:
+        """The per-call arrays from the step sigmas (with the final 0), their midpoints and the step timesteps:
+        each step after the first is called at its midpoint's timestep, then at its own; a new run."""
+        self.sigmas = self._twice(sig)
+        self.sigmas_interpol = self._twice(interpol)
+        ts_interpol = torch.from_numpy(np.array([_sigma_to_t(s, log_sigmas, torch_math=True)
+                                                 for s in interpol.numpy()]))
+        ts_interpol = ts_interpol.to(dtype=ts.dtype)
+        first = self._interpol_index(1)  # the ancestral variant's midpoints sit one place earlier
+        mid = ts_interpol[first:first + len(ts) - 1, None]
+        self.timesteps = torch.cat([ts[:1], torch.stack((mid, ts[1:, None]), dim=-1).flatten()]).to(device)
+        self.sample = None
+        self._start_run()
+
     @property
     def state_in_first_order(self) -> bool:
         return self.sample is None
-
-    def _set_state(self) -> None:
-        self.sample = None
-        self._step_index = None
-        self._begin_index = None
-        self._reset_state()
 
     def scale_model_input(self, sample: Tensor, timestep=None) -> Tensor:
         """``sample / sqrt(sigma^2 + 1)`` at the call's sigma (the midpoint in a step's second call)."""
@@ -146,14 +154,7 @@ class KDPM2DiscreteScheduler(_KDPM2Base):
                       num_train_timesteps: Optional[int] = None):
         sig, ts, log_sigmas = self._layout(num_inference_steps, num_train_timesteps)
         interpol = sig.log().lerp(sig.roll(1).log(), 0.5).exp()
-        self.sigmas = self._twice(sig)
-        self.sigmas_interpol = self._twice(interpol)
-        ts_interpol = torch.from_numpy(np.array([_sigma_to_t(s, log_sigmas, torch_math=True)
-                                                 for s in interpol.numpy()]))
-        ts_interpol = ts_interpol.to(dtype=ts.dtype)
-        inter = torch.stack((ts_interpol[1:-1, None], ts[1:, None]), dim=-1).flatten()
-        self.timesteps = torch.cat([ts[:1], inter]).to(device)
-        self._set_state()
+        self._lay_out_calls(sig, interpol, ts, log_sigmas, device)
 
     def _row(self, i: int, first: bool):
         sig, mid = self.sigmas.double().numpy(), self.sigmas_interpol.double().numpy()
@@ -191,16 +192,9 @@ class KDPM2AncestralDiscreteScheduler(_KDPM2Base):
         down[-1] = 0.0
         interpol = sig.log().lerp(down.log(), 0.5).exp()
         interpol[-2:] = 0.0
-        self.sigmas = self._twice(sig)
-        self.sigmas_interpol = self._twice(interpol)
         self.sigmas_up = self._twice(up)
         self.sigmas_down = self._twice(down)
-        ts_interpol = torch.from_numpy(np.array([_sigma_to_t(s, log_sigmas, torch_math=True)
-                                                 for s in interpol.numpy()]))
-        ts_interpol = ts_interpol.to(dtype=ts.dtype)
-        inter = torch.stack((ts_interpol[:-2, None], ts[1:, None]), dim=-1).flatten()
-        self.timesteps = torch.cat([ts[:1], inter]).to(device)
-        self._set_state()
+        self._lay_out_calls(sig, interpol, ts, log_sigmas, device)
 
     def _interpol_index(self, i: int) -> int:
         return i - 1  # diffusers' ancestral variant reads the midpoint one place earlier

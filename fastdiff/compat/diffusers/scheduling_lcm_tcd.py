@@ -14,6 +14,7 @@ from torch import Tensor
 
 from fastdiff.compat.diffusers.scheduling_base import (
     BaseOutput,
+    _CustomTimesteps,
     _vp_sigmas,
     _VPScheduler,
     frame_row,
@@ -36,7 +37,7 @@ class TCDSchedulerOutput(BaseOutput):
     pred_noised_sample: Optional[Tensor] = None
 
 
-class _ConsistencyScheduler(_VPScheduler):
+class _ConsistencyScheduler(_CustomTimesteps, _VPScheduler):
     """LCM and TCD share diffusers' schedule: the distillation grid of ``original_inference_steps`` points."""
 
     _rowwise = True
@@ -69,14 +70,8 @@ class _ConsistencyScheduler(_VPScheduler):
         if num_inference_steps is not None and timesteps is not None:
             raise ValueError("Can only pass one of `num_inference_steps` or `custom_timesteps`.")
         if timesteps is not None:
-            for i in range(1, len(timesteps)):
-                if timesteps[i] >= timesteps[i - 1]:
-                    raise ValueError("`custom_timesteps` must be in descending order.")
-            if timesteps[0] >= n:
-                raise ValueError(f"`timesteps` must start before `self.config.train_timesteps`: {n}.")
-            ts = np.array(timesteps, dtype=np.int64)
+            ts = self._custom_timesteps(timesteps)
             self.num_inference_steps = len(ts)
-            self.custom_timesteps = True
             init = min(int(self.num_inference_steps * strength), self.num_inference_steps)
             ts = ts[max(self.num_inference_steps - init, 0) * self.order:]
         else:
@@ -100,25 +95,7 @@ class _ConsistencyScheduler(_VPScheduler):
             ts = origin[idx]
             self.custom_timesteps = False
         self.timesteps = torch.from_numpy(ts).to(device=device, dtype=torch.long)
-        self._step_index = None
-        self._begin_index = None
-        self._reset_state()
-
-    def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
-        if schedule_timesteps is None:
-            schedule_timesteps = self.timesteps
-        idx = (schedule_timesteps == timestep).nonzero()
-        if len(idx) == 0:
-            raise ValueError(f"timestep {timestep!r} is not one of scheduler.timesteps")
-        return int(idx[1 if len(idx) > 1 else 0].item())
-
-    def previous_timestep(self, timestep):
-        if self.custom_timesteps or self.num_inference_steps:
-            index = (self.timesteps == timestep).nonzero(as_tuple=True)[0][0]
-            if index == self.timesteps.shape[0] - 1:
-                return torch.tensor(-1)
-            return self.timesteps[index + 1]
-        return timestep - 1
+        self._start_run()
 
     def _abar(self, t) -> Tensor:
         return self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod
@@ -184,9 +161,7 @@ class LCMScheduler(_ConsistencyScheduler):
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, generator=None, return_dict: bool = True):
         """One LCM step; the noise is ``randn_tensor(shape, generator)`` except after the last step."""
-        if self.num_inference_steps is None:
-            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after "
-                             "creating the scheduler")
+        self._require_timesteps()
         if self._step_index is None:
             self._init_step_index(timestep)
         idx, t = self._step_index, int(timestep)
@@ -275,9 +250,7 @@ class TCDScheduler(_ConsistencyScheduler):
     def step(self, model_output: Tensor, timestep, sample: Tensor, eta: float = 0.3, generator=None,
              return_dict: bool = True):
         """One TCD step (gamma = eta)."""
-        if self.num_inference_steps is None:
-            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after "
-                             "creating the scheduler")
+        self._require_timesteps()
         if not 0 <= eta <= 1.0:
             raise ValueError(f"eta must lie in [0, 1], got {eta!r}")
         if self._step_index is None:

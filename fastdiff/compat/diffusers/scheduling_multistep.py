@@ -51,6 +51,7 @@ class _MultistepScheduler(_VPScheduler):
     _upcast = True
     _warmup = True
     _needs_set_timesteps = True
+    _unknown_timestep_last = True  # as diffusers' multistep schedulers
     _compatibles = KARRAS_SCHEDULERS
 
     @property
@@ -103,6 +104,14 @@ class _MultistepScheduler(_VPScheduler):
             sig = np.interp(ts, np.arange(0, len(train)), train)
         return sig, ts
 
+    def _flow_layout(self, steps: int):
+        """Flow times ``1 - linspace(1, 1/N)`` shifted by ``flow_shift`` (no final sigma), and their timesteps."""
+        cfg = self.config
+        alphas = np.linspace(1, 1 / cfg.num_train_timesteps, steps + 1)
+        s = 1.0 - alphas
+        sig = np.flip(cfg.flow_shift * s / (1 + (cfg.flow_shift - 1) * s))[:-1].copy()
+        return sig, (sig * cfg.num_train_timesteps).copy()
+
     def _vp_sigma_min(self) -> float:
         return float(((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5)
 
@@ -119,25 +128,7 @@ class _MultistepScheduler(_VPScheduler):
         self.timesteps = torch.from_numpy(np.asarray(ts)).to(device=device, dtype=torch.int64)
         self.num_inference_steps = len(ts)
         self.lower_order_nums = 0
-        self._step_index = None
-        self._begin_index = None
-        self._reset_state()
-
-    def _orders(self, start: int, final_rule) -> list:
-        """diffusers' per-step order: warm-up from the run's start, lower orders at the end."""
-        cfg, n = self.config, len(self.timesteps)
-        out = []
-        for i in range(start, n):
-            done = min(i - start, cfg.solver_order)
-            last = i == n - 1 and final_rule
-            second = i == n - 2 and cfg.lower_order_final and n < 15
-            if cfg.solver_order == 1 or done < 1 or last:
-                out.append(1)
-            elif cfg.solver_order == 2 or done < 2 or second:
-                out.append(2)
-            else:
-                out.append(3)
-        return out
+        self._start_run()
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """``alpha_t x0 + sigma_t noise`` at the sigma of each timestep's step (diffusers' add_noise)."""
@@ -145,15 +136,6 @@ class _MultistepScheduler(_VPScheduler):
         sigma = _bcast(sigmas[self._step_indices(timesteps, original_samples.device)].flatten(), original_samples)
         alpha, sigma_t = self._sigma_to_alpha_sigma_t(sigma)
         return alpha * original_samples + sigma_t * noise
-
-    def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
-        """As diffusers' multistep schedulers: a timestep not in the schedule maps to the last step."""
-        if schedule_timesteps is None:
-            schedule_timesteps = self.timesteps
-        idx = (schedule_timesteps == timestep).nonzero()
-        if len(idx) == 0:
-            return len(self.timesteps) - 1
-        return int(idx[1 if len(idx) > 1 else 0].item())
 
     def _model_x0_output(self, model_output: Tensor, sample: Tensor) -> Tensor:
         if getattr(self.config, "variance_type", None) in ("learned", "learned_range"):
@@ -187,19 +169,7 @@ class DPMSolverMultistepScheduler(_MultistepScheduler):
                  time_shift_type: str = "exponential"):
         self._init_multistep(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                              prediction_type, rescale_betas_zero_snr)
-        if algorithm_type not in S.DPM_ALGORITHMS:  # diffusers' remapping of other solvers' configs
-            if algorithm_type == "deis":
-                self.register_to_config(algorithm_type="dpmsolver++")
-            else:
-                raise NotImplementedError(f"{algorithm_type} is not implemented for {type(self).__name__}")
-        if solver_type not in ("midpoint", "heun"):
-            if solver_type in ("logrho", "bh1", "bh2"):
-                self.register_to_config(solver_type="midpoint")
-            else:
-                raise NotImplementedError(f"{solver_type} is not implemented for {type(self).__name__}")
-        if self.config.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++") and final_sigmas_type == "zero":
-            raise ValueError(f"`final_sigmas_type` {final_sigmas_type} is not supported for `algorithm_type` "
-                             f"{self.config.algorithm_type}. Please choose `sigma_min` instead.")
+        self._check_dpm_solver(algorithm_type, solver_type, final_sigmas_type, S.DPM_ALGORITHMS)
 
     def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None, mu=None, timesteps=None):
         cfg = self.config
@@ -230,10 +200,7 @@ class DPMSolverMultistepScheduler(_MultistepScheduler):
                 ts = ts.round()
         elif cfg.use_flow_sigmas and not (cfg.use_karras_sigmas or cfg.use_exponential_sigmas or
                                           cfg.use_beta_sigmas):
-            alphas = np.linspace(1, 1 / cfg.num_train_timesteps, steps + 1)
-            s = 1.0 - alphas
-            sig = np.flip(cfg.flow_shift * s / (1 + (cfg.flow_shift - 1) * s))[:-1].copy()
-            ts = (sig * cfg.num_train_timesteps).copy()
+            sig, ts = self._flow_layout(steps)
         else:
             sig, ts = self._vp_layout(steps, ts, karras_round=cfg.beta_schedule != "squaredcos_cap_v2")
         self._finish_layout(np.concatenate([sig, [self._final_sigma()]]), ts, device)
@@ -295,11 +262,7 @@ class UniPCMultistepScheduler(_MultistepScheduler):
             raise ValueError("`shift_terminal` is only supported when `use_flow_sigmas=True`.")
         self._init_multistep(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                              prediction_type, rescale_betas_zero_snr)
-        if solver_type not in ("bh1", "bh2"):
-            if solver_type in ("midpoint", "heun", "logrho"):
-                self.register_to_config(solver_type="bh2")
-            else:
-                raise NotImplementedError(f"{solver_type} is not implemented for {type(self).__name__}")
+        self._remap_config("solver_type", solver_type, ("bh1", "bh2"), ("midpoint", "heun", "logrho"), "bh2")
         self.predict_x0 = predict_x0
         self.disable_corrector = disable_corrector
         self.solver_p = None
@@ -391,17 +354,9 @@ class DEISMultistepScheduler(_MultistepScheduler):
                  time_shift_type: str = "exponential"):
         self._init_multistep(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                              prediction_type)
-        if algorithm_type != "deis":
-            if algorithm_type in ("dpmsolver", "dpmsolver++"):
-                self.register_to_config(algorithm_type="deis")
-            else:
-                raise NotImplementedError(f"{algorithm_type} is not implemented for {type(self).__name__}")
-        if solver_type != "logrho":
-            if solver_type in ("midpoint", "heun", "bh1", "bh2"):
-                self.register_to_config(solver_type="logrho")
-            else:
-                raise NotImplementedError(f"solver type {solver_type} is not implemented for "
-                                          f"{type(self).__name__}")
+        self._remap_config("algorithm_type", algorithm_type, ("deis",), ("dpmsolver", "dpmsolver++"), "deis")
+        self._remap_config("solver_type", solver_type, ("logrho",), ("midpoint", "heun", "bh1", "bh2"), "logrho",
+                           label="solver type ")
 
     def set_timesteps(self, num_inference_steps: int, device=None, mu=None):
         cfg = self.config
@@ -413,10 +368,7 @@ class DEISMultistepScheduler(_MultistepScheduler):
             sig, ts = self._vp_layout(num_inference_steps, ts)
             last = float(sig[-1])
         elif cfg.use_flow_sigmas:
-            alphas = np.linspace(1, 1 / cfg.num_train_timesteps, num_inference_steps + 1)
-            s = 1.0 - alphas
-            sig = np.flip(cfg.flow_shift * s / (1 + (cfg.flow_shift - 1) * s))[:-1].copy()
-            ts = (sig * cfg.num_train_timesteps).copy()
+            sig, ts = self._flow_layout(num_inference_steps)
             last = float(sig[-1])
         else:
             sig, ts = self._vp_layout(num_inference_steps, ts)

@@ -180,11 +180,6 @@ class PNDMScheduler(_VPScheduler):
         prev_sample = ops.sampler_step(x, model_output, self._hist, coef, rows)
         return prev_sample.to(sample.dtype)
 
-    def _check(self):
-        if self.num_inference_steps is None:
-            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after "
-                             "creating the scheduler")
-
     @staticmethod
     def _out(prev: Tensor, return_dict: bool):
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
@@ -197,7 +192,7 @@ class PNDMScheduler(_VPScheduler):
 
     def step_prk(self, model_output: Tensor, timestep, sample: Tensor, return_dict: bool = True):
         """One Runge-Kutta stage: weights 1/6, 1/3, 1/3, 1/6 over a group of four calls."""
-        self._check()
+        self._require_timesteps()
         n, steps = self.config.num_train_timesteps, self.num_inference_steps
         diff = 0 if self.counter % 2 else n // steps // 2
         prev = int(timestep) - diff
@@ -221,7 +216,7 @@ class PNDMScheduler(_VPScheduler):
 
     def step_plms(self, model_output: Tensor, timestep, sample: Tensor, return_dict: bool = True):
         """One linear multistep step on the last (up to) four raw outputs."""
-        self._check()
+        self._require_timesteps()
         if not self.config.skip_prk_steps and self._ets_len < 3:
             raise ValueError(f"{type(self)} can only be run AFTER scheduler has been run in 'prk' mode for at "
                              "least 12 iterations See: https://github.com/huggingface/diffusers/blob/main/src/"

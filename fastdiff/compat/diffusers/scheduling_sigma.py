@@ -14,6 +14,7 @@ from fastdiff.compat.diffusers.scheduling_base import (
     KARRAS_SCHEDULERS,
     SchedulerOutput,
     _check_one_spacing,
+    _HeunStages,
     _host,
     _sigma_to_t,
     _SigmaScheduler,
@@ -22,15 +23,8 @@ from fastdiff.compat.diffusers.scheduling_base import (
     churn_gammas,
     randn_tensor,
     register_to_config,
+    reject_integer_timestep,
 )
-
-
-def _check_int_timestep(timestep, name: str) -> None:
-    if isinstance(timestep, int) or (isinstance(timestep, Tensor) and timestep.dim() == 0
-                                     and not timestep.is_floating_point()):
-        raise ValueError(f"Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
-                         f"`{name}.step()` is not supported. Make sure to pass one of the "
-                         "`scheduler.timesteps` as a timestep.")
 
 
 class EulerDiscreteScheduler(_SigmaScheduler):
@@ -108,9 +102,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
             self.timesteps = torch.Tensor([0.25 * s.log() for s in self.sigmas[:-1]]).to(device=device)
         else:
             self.timesteps = torch.from_numpy(np.asarray(ts).astype(np.float32)).to(device=device)
-        self._step_index = None
-        self._begin_index = None
-        self._reset_state()
+        self._start_run()
 
     def _build_table(self, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
                      s_noise: float = 1.0) -> S.SamplerTable:
@@ -131,7 +123,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
              s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None, return_dict: bool = True):
         """One Euler step from ``sigmas[i]`` to ``sigmas[i + 1]``; with ``s_churn`` the Karras churn noise
         (drawn from ``generator`` where the step's gamma > 0) is the row's noise term."""
-        _check_int_timestep(timestep, "EulerDiscreteScheduler")
+        reject_integer_timestep(timestep, "EulerDiscreteScheduler", scalar_only=True)
         if not s_churn > 0:
             return self._fused_step(model_output, timestep, sample, return_dict=return_dict)
         opts = {"s_churn": float(s_churn), "s_tmin": float(s_tmin), "s_tmax": float(s_tmax),
@@ -191,9 +183,7 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
         sig, ts = self._sigma_layout(num_inference_steps, ts, False, False, False)
         self.sigmas = torch.from_numpy(np.concatenate([sig, [0.0]]).astype(np.float32))
         self.timesteps = torch.from_numpy(ts).to(device=device)
-        self._step_index = None
-        self._begin_index = None
-        self._reset_state()
+        self._start_run()
 
     def _build_table(self) -> S.SamplerTable:
         with S.lenient():
@@ -201,7 +191,7 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, generator=None, return_dict: bool = True):
         """Euler to sigma_down, plus ``sigma_up * randn_tensor(shape, generator)`` each step."""
-        _check_int_timestep(timestep, "EulerAncestralDiscreteScheduler")
+        reject_integer_timestep(timestep, "EulerAncestralDiscreteScheduler", scalar_only=True)
 
         def noise_fn(idx, rows):
             return randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
@@ -210,13 +200,12 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
         return self._fused_step(model_output, timestep, sample, noise_fn=noise_fn, return_dict=return_dict)
 
 
-class HeunDiscreteScheduler(_SigmaScheduler):
+class HeunDiscreteScheduler(_HeunStages, _SigmaScheduler):
     """diffusers' ``HeunDiscreteScheduler`` (Karras et al. 2022, Alg. 2) on :func:`fastdiff.samplers.heun`.
 
     ``timesteps`` repeat each inner timestep (two model calls per step): one table row per call.
     """
 
-    order = 2
     _compatibles = KARRAS_SCHEDULERS
 
     @register_to_config
@@ -252,26 +241,8 @@ class HeunDiscreteScheduler(_SigmaScheduler):
         sig, ts = self._sigma_layout(num_inference_steps, ts, cfg.use_karras_sigmas,
                                      cfg.use_exponential_sigmas, cfg.use_beta_sigmas)
         sig = torch.from_numpy(np.concatenate([sig, [0.0]]).astype(np.float32))
-        self._step_sigmas = sig
-        self.sigmas = torch.cat([sig[:1], sig[1:-1].repeat_interleave(2), sig[-1:]])
-        ts = torch.from_numpy(np.asarray(ts))
-        ts = torch.cat([ts[:1], ts[1:].repeat_interleave(2)])
-        self.timesteps = ts.to(device=device, dtype=torch.float32)
-        self._step_index = None
-        self._begin_index = None
-        self._reset_state()
-
-    @property
-    def state_in_first_order(self) -> bool:
-        """True when the next call is a step's first (Euler) stage."""
-        if self._step_index is None or not self._tables:
-            return True
-        table = next(iter(self._tables.values()))[0]
-        i = self._step_index
-        return i >= table.num_rows or i == 0 or table.step[i] != table.step[i - 1]
-
-    def _per_sample_ok(self) -> bool:
-        return False
+        self._heun_layout(sig, torch.from_numpy(np.asarray(ts)), device)
+        self._start_run()
 
     def _build_table(self) -> S.SamplerTable:
         with S.lenient():
@@ -310,10 +281,8 @@ class LMSDiscreteScheduler(_SigmaScheduler):
                                      cfg.use_exponential_sigmas, cfg.use_beta_sigmas)
         self.sigmas = torch.from_numpy(np.concatenate([sig, [0.0]]).astype(np.float32))
         self.timesteps = torch.from_numpy(np.asarray(ts)).to(device=device, dtype=torch.float32)
-        self._step_index = None
-        self._begin_index = None
         self._order_used = None
-        self._reset_state()
+        self._start_run()
 
     def _build_table(self, order: int = 4) -> S.SamplerTable:
         with S.lenient():

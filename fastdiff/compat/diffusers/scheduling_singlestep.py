@@ -16,11 +16,7 @@ from torch import Tensor
 
 from fastdiff import samplers as S
 from fastdiff.compat.diffusers.scheduling_base import (
-    _beta_spacing,
-    _exponential,
     _host,
-    _karras,
-    _sigma_to_t,
     check_inference_steps,
     frame_row,
     randn_tensor,
@@ -51,19 +47,8 @@ class DPMSolverSinglestepScheduler(_MultistepScheduler):
                  time_shift_type: str = "exponential"):
         self._init_multistep(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                              prediction_type)
-        if algorithm_type not in ("dpmsolver", "dpmsolver++", "sde-dpmsolver++"):
-            if algorithm_type == "deis":
-                self.register_to_config(algorithm_type="dpmsolver++")
-            else:
-                raise NotImplementedError(f"{algorithm_type} is not implemented for {type(self).__name__}")
-        if solver_type not in ("midpoint", "heun"):
-            if solver_type in ("logrho", "bh1", "bh2"):
-                self.register_to_config(solver_type="midpoint")
-            else:
-                raise NotImplementedError(f"{solver_type} is not implemented for {type(self).__name__}")
-        if self.config.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++") and final_sigmas_type == "zero":
-            raise ValueError(f"`final_sigmas_type` {final_sigmas_type} is not supported for `algorithm_type` "
-                             f"{self.config.algorithm_type}. Please choose `sigma_min` instead.")
+        self._check_dpm_solver(algorithm_type, solver_type, final_sigmas_type,
+                               ("dpmsolver", "dpmsolver++", "sde-dpmsolver++"))
         self.sample = None
         self.order_list = self.get_order_list(num_train_timesteps)
 
@@ -108,24 +93,10 @@ class DPMSolverSinglestepScheduler(_MultistepScheduler):
             clipped = int(torch.searchsorted(torch.flip(self.lambda_t, [0]), cfg.lambda_min_clipped).item())
             ts = np.linspace(0, cfg.num_train_timesteps - 1 - clipped, num_inference_steps + 1) \
                 .round()[::-1][:-1].copy().astype(np.int64)
-        train = self._train_sigmas()
-        log_sigmas = np.log(train)
-        if cfg.use_karras_sigmas:
-            sig = _karras(np.flip(train).copy(), num_inference_steps)
-            ts = np.array([_sigma_to_t(s, log_sigmas) for s in sig]).round()
-        elif cfg.use_exponential_sigmas:
-            sig = _exponential(np.flip(train).copy(), num_inference_steps)
-            ts = np.array([_sigma_to_t(s, log_sigmas) for s in sig])
-        elif cfg.use_beta_sigmas:
-            sig = _beta_spacing(np.flip(train).copy(), num_inference_steps)
-            ts = np.array([_sigma_to_t(s, log_sigmas) for s in sig])
-        elif cfg.use_flow_sigmas:
-            alphas = np.linspace(1, 1 / cfg.num_train_timesteps, num_inference_steps + 1)
-            s = 1.0 - alphas
-            sig = np.flip(cfg.flow_shift * s / (1 + (cfg.flow_shift - 1) * s))[:-1].copy()
-            ts = (sig * cfg.num_train_timesteps).copy()
+        if cfg.use_flow_sigmas and not (cfg.use_karras_sigmas or cfg.use_exponential_sigmas or cfg.use_beta_sigmas):
+            sig, ts = self._flow_layout(num_inference_steps)
         else:
-            sig = np.interp(ts, np.arange(0, len(train)), train)
+            sig, ts = self._vp_layout(num_inference_steps, ts)
         if cfg.final_sigmas_type not in ("zero", "sigma_min"):
             raise ValueError(f" `final_sigmas_type` must be one of `sigma_min` or `zero`, but got "
                              f"{cfg.final_sigmas_type}")
@@ -229,9 +200,7 @@ class DPMSolverSinglestepScheduler(_MultistepScheduler):
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, generator=None, return_dict: bool = True):
         """One call of the group: the first stores the sample, the last gives the group's end."""
-        if self.num_inference_steps is None:
-            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after "
-                             "creating the scheduler")
+        self._require_timesteps()
         if self._step_index is None:
             self._init_step_index(timestep)
         if self._run_first is None:
