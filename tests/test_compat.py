@@ -741,3 +741,13 @@ def test_compatibles_and_config_switches_follow_diffusers():
         ours = getattr(FD, name)() if ours is None else getattr(FD, name).from_config(ours.config)
         public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}
         assert public(ours.config) == public(ref.config), name
+
+
+@pytest.mark.parametrize("name", ["PNDMScheduler", "DDIMScheduler", "LCMScheduler", "TCDScheduler",
+                                  "DPMSolverSinglestepScheduler"])
+def test_step_before_set_timesteps_is_a_clear_error(name):
+    """Schedulers whose rows need the inference schedule say so (diffusers' PNDM ends in a TypeError)."""
+    scheduler = getattr(FD, name)()
+    x = torch.zeros(1, 1, 2, 2)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        scheduler.step(x, 10, x)

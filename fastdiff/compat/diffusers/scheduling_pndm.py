@@ -186,6 +186,7 @@ class PNDMScheduler(_VPScheduler):
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, return_dict: bool = True):
         """PRK for the first ``len(prk_timesteps)`` calls (unless ``skip_prk_steps``), then PLMS."""
+        self._require_timesteps()  # before prk_timesteps is read (None until set_timesteps)
         if self.counter < len(self.prk_timesteps) and not self.config.skip_prk_steps:
             return self.step_prk(model_output, timestep, sample, return_dict=return_dict)
         return self.step_plms(model_output, timestep, sample, return_dict=return_dict)
