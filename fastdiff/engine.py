@@ -64,7 +64,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fastdiff import model_cache
+from fastdiff import model_cache, prepack
 from fastdiff.denoiser import Denoiser, call_model
 from fastdiff.engine_args import (
     check_choice,
@@ -562,8 +562,11 @@ def _sample_torch(denoiser: Denoiser, table, shape, dev, dtype, channels_last, c
                   labels, y_null, seed_list, fresh_seeds, batch_size, memory_budget, ranks, model_kwargs,
                   backend, progress, callback):
     n, sample_shape = shape[0], shape[1:]
+    packed = dev.type == "cpu" and not compile_mode and isinstance(denoiser.model, nn.Module) and prepack.available()
     prep = model_cache.prepare(denoiser.model, dev, dtype, channels_last, eval=True,
-                               private=bool(compile_mode) or use_graph)
+                               private=bool(compile_mode) or use_graph or packed)
+    if packed and "prepacked" not in prep.caches:  # the run copy's Conv2d / Linear on packed weights
+        prep.caches["prepacked"] = prepack.install(prep.model)[0]
     run = _run_denoiser(denoiser, prep, dtype, channels_last, compile_mode)
     frame = state_frame(denoiser.schedule)  # a flow run starts at sigma = inf: its own frame
     dtab, digest = _device_table(table, run, dev, frame)

@@ -2,6 +2,7 @@
 them, with one input batch each: ``MODELS[name]() -> (model, run)`` where ``run(model)`` is the output tensor."""
 
 import torch
+from torch import nn
 from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
 
 CROSS_DIM = 32
@@ -62,6 +63,19 @@ def vae():
 
 MODELS = {"unet_2d": unet_2d, "unet_2d_scale_shift": lambda: unet_2d("scale_shift"), "unet_sd15": unet_sd15,
           "unet_sdxl": unet_sdxl, "vae": vae}
+
+def block_counts(report) -> dict:
+    """``report.patched`` as {class: count}, without the CPU's packed-weight Conv2d / Linear entries (which
+    :func:`assert_packed_every_plain_layer` checks)."""
+    return {k: len(v) for k, v in report.patched.items() if k not in ("Conv2d", "Linear")}
+
+
+def assert_packed_every_plain_layer(report, model, prefix="") -> None:
+    """On the CPU, accelerate gives every plain Conv2d / Linear the packed-weight forward (fastdiff.prepack)."""
+    for cls in (nn.Conv2d, nn.Linear):
+        want = sorted(".".join(p for p in (prefix, path) if p) for path, m in model.named_modules() if type(m) is cls)
+        assert sorted(report.patched.get(cls.__name__, [])) == want, cls.__name__
+
 
 # how many modules of each patched class the models hold
 EXPECTED = {

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from accelerate_models import EXPECTED, MODELS
+from accelerate_models import EXPECTED, MODELS, assert_packed_every_plain_layer, block_counts
 from conftest import DIFFUSERS_WARNINGS, rel_l2
 from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
@@ -67,7 +67,8 @@ def test_float32_patched_matches_unpatched_and_report_lists_every_module(name, c
     report = accelerate(model, dtype=torch.float32, channels_last=channels_last)
     out = run(model, fn)
     assert rel_l2(out, ref_cl if channels_last else ref) <= 1e-5
-    assert {k: len(v) for k, v in report.patched.items()} == EXPECTED[name]
+    assert block_counts(report) == EXPECTED[name]
+    assert_packed_every_plain_layer(report, model)
     assert report.skipped == []
     assert report.dtype == torch.float32 and report.memory_kept == 0
     block_paths = [p for p, m in model.named_modules() if type(m) is ResnetBlock2D]
@@ -231,7 +232,7 @@ def test_altered_module_is_reported_and_left_alone(how):
     assert [p for p, _ in report.skipped] == [path]
     assert word in report.skipped[0][1]
     assert all(path not in paths for paths in report.patched.values())
-    total = {k: len(v) for k, v in report.patched.items()}
+    total = block_counts(report)
     expected = dict(EXPECTED["unet_sd15"])
     key = {"processor": "AttnProcessor2_0", "conv_act": "UNet2DConditionModel"}.get(how, "ResnetBlock2D")
     expected[key] -= 1
@@ -324,4 +325,33 @@ def test_default_dtype_follows_the_policy_and_keeps_a_low_precision_model():
     model.to(torch.float16)
     report = accelerate(model)
     assert report.dtype == torch.float16 and report.converted == {} and report.memory_kept == 0
+    report.undo()
+
+
+def test_cpu_weights_are_packed_once_and_repacked_when_they_change():
+    model, fn = MODELS["unet_sd15"]()
+    twin = copy.deepcopy(model)
+    report = accelerate(model, dtype=torch.bfloat16)
+    run(model, fn)
+    holder = model.conv_in.__dict__["_fastdiff_packed"]
+    packed = holder.weight
+    assert packed is not None
+    run(model, fn)
+    assert holder.weight is packed  # kept between calls
+    new = {k: v * 0.5 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    model.load_state_dict(new)
+    out = run(model, fn)
+    assert holder.weight is not packed
+    twin.load_state_dict(new)
+    twin_report = accelerate(twin, dtype=torch.bfloat16)  # packs the new weights at its first call
+    assert torch.equal(out, run(twin, fn))
+    twin_report.undo()
+    report.undo()
+    assert "_fastdiff_packed" not in model.conv_in.__dict__
+
+
+def test_compile_leaves_weight_packing_to_inductor():
+    model, _ = MODELS["unet_2d"]()
+    report = accelerate(model, dtype=torch.float32, compile=True)
+    assert "Conv2d" not in report.patched and "Linear" not in report.patched
     report.undo()

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from accelerate_models import assert_packed_every_plain_layer, block_counts
 from conftest import DIFFUSERS_WARNINGS, rel_l2
 from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
 from diffusers.models.attention_processor import JointAttnProcessor2_0
@@ -128,7 +129,8 @@ def test_float32_patched_matches_unpatched_and_report_lists_every_module(name):
     report = accelerate(model, dtype=torch.float32)
     out = run(model, inputs)
     assert rel_l2(out, ref) <= 1e-5
-    assert {k: len(v) for k, v in report.patched.items()} == EXPECTED[name]
+    assert block_counts(report) == EXPECTED[name]
+    assert_packed_every_plain_layer(report, model)
     assert report.skipped == []
     for cls_name, paths in report.patched.items():
         modules = dict(model.named_modules())
@@ -341,7 +343,7 @@ def test_altered_module_is_reported_and_left_alone(name, how):
     assert all(path not in paths for paths in report.patched.values())
     expected = dict(EXPECTED[name])
     expected[cls_name] -= 1
-    assert {k: len(v) for k, v in report.patched.items()} == {k: v for k, v in expected.items() if v}
+    assert block_counts(report) == {k: v for k, v in expected.items() if v}
     assert rel_l2(run(model, inputs), ref) <= 1e-5
     report.undo()
 

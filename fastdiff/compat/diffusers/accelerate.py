@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from fastdiff import prepack
 from fastdiff.policy import as_dtype, cpu_threads, default_dtype, module_device, module_dtype, use_channels_last
 
 __all__ = ["accelerate", "AccelerateReport", "AccelerateError"]
@@ -442,6 +443,11 @@ def accelerate(obj, *, dtype=None, channels_last: Optional[bool] = None, cuda_gr
         use_graph = False
 
     plan, skipped = _plan_patches(components, _patches())
+    pack = device.type == "cpu" and compile is False and prepack.available()
+    if pack:  # the conv / linear modules whose weights will not be packed, and why
+        skipped += [(_join(name, path), f"{type(m).__name__}: {why}") for name, comp in components
+                    for path, m in comp.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+                    and (why := prepack.packable(m)) is not None]
     new_scheduler = None
     if scheduler and isinstance(obj, diffusers.DiffusionPipeline):
         new_scheduler, why = _plan_scheduler(obj)
@@ -454,7 +460,7 @@ def accelerate(obj, *, dtype=None, channels_last: Optional[bool] = None, cuda_gr
     report = AccelerateReport(skipped=skipped, dtype=dtype)
     try:
         _apply(report, obj, components, denoiser, denoiser_name, plan, new_scheduler, device, dtype,
-               channels_last, use_graph, compile, compile_options, threads)
+               channels_last, use_graph, compile, compile_options, threads, pack)
     except BaseException:
         report.undo()
         raise
@@ -466,7 +472,7 @@ def accelerate(obj, *, dtype=None, channels_last: Optional[bool] = None, cuda_gr
 
 
 def _apply(report, obj, components, denoiser, denoiser_name, plan, new_scheduler, device, dtype, channels_last,
-           use_graph, compile, compile_options, threads) -> None:
+           use_graph, compile, compile_options, threads, pack) -> None:
     from diffusers import AutoencoderKL
 
     from fastdiff.compat.diffusers.patches_vae import VAE_METHODS, cast_vae_output
@@ -489,6 +495,12 @@ def _apply(report, obj, components, denoiser, denoiser_name, plan, new_scheduler
     for patch, module, path in plan:
         report._undo.append(patch.apply(module))
         report.patched.setdefault(patch.name, []).append(path)
+    if pack:
+        for name, comp in components:
+            undo, done, _ = prepack.install(comp)
+            report._undo.append(undo)
+            for path in done:
+                report.patched.setdefault(type(comp.get_submodule(path)).__name__, []).append(_join(name, path))
     if new_scheduler is not None:
         original = obj.scheduler
         obj.scheduler = new_scheduler
