@@ -562,11 +562,13 @@ def _sample_torch(denoiser: Denoiser, table, shape, dev, dtype, channels_last, c
                   labels, y_null, seed_list, fresh_seeds, batch_size, memory_budget, ranks, model_kwargs,
                   backend, progress, callback):
     n, sample_shape = shape[0], shape[1:]
-    packed = dev.type == "cpu" and not compile_mode and isinstance(denoiser.model, nn.Module) and prepack.available()
+    # bf16 only: there the packed path gives ATen's bits, so a run equals the plain loop's bitwise in every dtype
+    packed = (dev.type == "cpu" and dtype == torch.bfloat16 and not compile_mode
+              and isinstance(denoiser.model, nn.Module) and prepack.available())
     prep = model_cache.prepare(denoiser.model, dev, dtype, channels_last, eval=True,
                                private=bool(compile_mode) or use_graph or packed)
     if packed and "prepacked" not in prep.caches:  # the run copy's Conv2d / Linear on packed weights
-        prep.caches["prepacked"] = prepack.install(prep.model)[0]
+        prep.caches["prepacked"] = prepack.install(prep.model, dtype)[0]
     run = _run_denoiser(denoiser, prep, dtype, channels_last, compile_mode)
     frame = state_frame(denoiser.schedule)  # a flow run starts at sigma = inf: its own frame
     dtab, digest = _device_table(table, run, dev, frame)

@@ -6,17 +6,20 @@ layout on every call. Where a layer has many weights and few positions, the deep
 Packing the weight once, as inductor's freezing pass does for compiled graphs
 (``torch.ops.mkldnn._reorder_convolution_weight`` / ``_reorder_linear_weight``, then
 ``_convolution_pointwise`` / ``_linear_pointwise``), removes it from eager inference. The result is the
-same oneDNN primitive's (bitwise equal to ATen's in the cases tested; float32 linear goes through oneDNN
-instead of MKL, a different summation order). Measured on the 2-core AVX-512-BF16 machine, batch 2, median of
+same oneDNN primitive's: in bfloat16 bitwise equal to ATen's in the cases tested; a float32 convolution
+runs oneDNN's algorithm where ATen may run its own (differences at float32 rounding, ~1e-7 relative). Linear
+is packed in bfloat16 only: ATen runs float32 Linear through MKL. Measured on the 2-core AVX-512-BF16 machine, batch 2, median of
 8 calls, ms eager -> packed: bf16 3x3 conv 1280->1280 at 8x8 6.6 -> 4.5, at 4x4 4.0 -> 1.8, 320 channels at
-32x32 3.9 -> 3.8; float32 at 8x8 32.7 -> 9.8; bf16 Linear 1280->1280 on 2 rows 0.105 -> 0.040.
+32x32 3.9 -> 3.8; float32 at 8x8 32.7 -> 9.8; bf16 Linear 1280->1280 on 2 rows 0.105 -> 0.040, on
+2x77 rows 0.65 -> 0.54.
 
 :func:`install` gives a module tree's plain ``nn.Conv2d`` / ``nn.Linear`` instances a forward that uses the
 packed weight when the call allows it and the module's own forward otherwise:
 
-- only on CPU tensors of the weight's dtype (float32 or bfloat16), outside autograd (``torch.no_grad`` /
-  ``inference_mode``, or nothing requiring a gradient), outside ``torch.compile``, tracing and export
-  (inductor packs weights itself, an exported graph keeps the standard op);
+- only on CPU tensors of the weight's dtype (float32 or bfloat16 convolutions, bfloat16 linears), outside
+  autograd (``torch.no_grad`` / ``inference_mode``, or nothing requiring a gradient), outside
+  ``torch.compile``, tracing and export (inductor packs weights itself, an exported graph keeps the
+  standard op);
 - the packed weight is made at the first such call and kept beside the module, keyed by the weight's
   identity, data pointer, autograd version counter, dtype, shape and strides: ``load_state_dict``, optimizer
   steps, ``p.copy_`` under ``no_grad``, ``p.data = ...`` and moving the module each repack it. Writes through
@@ -34,7 +37,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["available", "conv2d_forward", "forget", "install", "linear_forward", "packable", "PACKED_DTYPES"]
+__all__ = ["available", "conv2d_forward", "forget", "install", "linear_forward", "packable", "packed_types",
+           "PACKED_DTYPES"]
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 _ATTR = "_fastdiff_packed"
@@ -79,7 +83,9 @@ def _eligible(module: nn.Module, x: Tensor) -> bool:
     w, b = module.weight, module.bias
     if type(x) is not Tensor or x.device.type != "cpu" or x.dtype not in PACKED_DTYPES or x.numel() == 0:
         return False
-    if type(w) not in (Tensor, nn.Parameter) or w.device.type != "cpu" or w.dtype != x.dtype or w.layout != torch.strided:
+    if type(w) not in (Tensor, nn.Parameter) or w.device.type != "cpu" or w.dtype != x.dtype:
+        return False
+    if w.layout != torch.strided:
         return False
     if b is not None and (b.dtype != x.dtype or b.device.type != "cpu"):
         return False
@@ -121,7 +127,8 @@ def conv2d_forward(self: nn.Conv2d, input: Tensor) -> Tensor:
 
 def linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
     """``nn.Linear.forward`` with the weight packed once (see the module docstring)."""
-    if input.dim() < 2 or input.shape[-1] != self.in_features or not _eligible(self, input):
+    if input.dtype != torch.bfloat16 or input.dim() < 2 or input.shape[-1] != self.in_features \
+            or not _eligible(self, input):  # float32: ATen's MKL GEMM, whose sums oneDNN's would not match
         return nn.Linear.forward(self, input)
     rows = input.numel() // input.shape[-1]
     weight = _packed(self, lambda w: torch.ops.mkldnn._reorder_linear_weight(w, rows))
@@ -174,15 +181,25 @@ def _swap(module: nn.Module) -> Callable[[], None]:
     return undo
 
 
-def install(model: nn.Module) -> tuple[Callable[[], None], list[str], list[tuple[str, str]]]:
-    """Give every plain ``nn.Conv2d`` / ``nn.Linear`` of ``model`` the packed forward.
+def packed_types(dtype: Optional[torch.dtype]) -> tuple:
+    """The module types whose weights are packed for a run in ``dtype`` (None: any dtype packed)."""
+    if dtype is None or dtype == torch.bfloat16:
+        return (nn.Conv2d, nn.Linear)
+    return (nn.Conv2d,) if dtype == torch.float32 else ()
+
+
+def install(model: nn.Module, dtype: Optional[torch.dtype] = None
+            ) -> tuple[Callable[[], None], list[str], list[tuple[str, str]]]:
+    """Give the plain ``nn.Conv2d`` / ``nn.Linear`` modules of ``model`` the packed forward: those that pack
+    in ``dtype`` (:func:`packed_types`; None: every one).
 
     Returns (undo, the paths of the modules given it, [(path, reason)] for the conv / linear modules left
     alone). Nothing is packed here: each module packs its weight at its first eligible call.
     """
     undos, done, skipped = [], [], []
+    types = packed_types(dtype)
     for path, module in model.named_modules():
-        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+        if not isinstance(module, types):
             continue
         reason = packable(module)
         if reason is None:

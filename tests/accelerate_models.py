@@ -2,8 +2,8 @@
 them, with one input batch each: ``MODELS[name]() -> (model, run)`` where ``run(model)`` is the output tensor."""
 
 import torch
-from torch import nn
 from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
+from torch import nn
 
 CROSS_DIM = 32
 
@@ -72,8 +72,11 @@ def block_counts(report) -> dict:
 
 def assert_packed_every_plain_layer(report, model, prefix="") -> None:
     """On the CPU, accelerate gives every plain Conv2d / Linear the packed-weight forward (fastdiff.prepack)."""
+    from fastdiff.prepack import packed_types
+
     for cls in (nn.Conv2d, nn.Linear):
-        want = sorted(".".join(p for p in (prefix, path) if p) for path, m in model.named_modules() if type(m) is cls)
+        want = sorted(".".join(p for p in (prefix, path) if p) for path, m in model.named_modules()
+                      if type(m) is cls and cls in packed_types(report.dtype))
         assert sorted(report.patched.get(cls.__name__, [])) == want, cls.__name__
 
 

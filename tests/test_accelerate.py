@@ -355,3 +355,11 @@ def test_compile_leaves_weight_packing_to_inductor():
     report = accelerate(model, dtype=torch.float32, compile=True)
     assert "Conv2d" not in report.patched and "Linear" not in report.patched
     report.undo()
+
+
+def test_bfloat16_packs_linear_weights_too():
+    model, fn = MODELS["unet_sd15"]()
+    report = accelerate(model, dtype=torch.bfloat16)
+    assert_packed_every_plain_layer(report, model)
+    assert len(report.patched["Linear"]) == sum(type(m) is nn.Linear for m in model.modules())
+    report.undo()

@@ -514,3 +514,15 @@ def test_cuda_chunks_fit_the_memory_budget():
     assert out.shape == (11, 1, 8, 8) and torch.isfinite(out).all()
     caches = model_cache.prepare(den.model, "cuda", torch.bfloat16, channels_last=True, private=True).caches
     assert all(key[-1] <= 5 for key in caches.get("graphs", {}))  # buckets of 4 (and 4, 2 + pad), never 8
+
+
+def test_bf16_cpu_runs_pack_weights_on_the_run_copy_not_the_callers_model():
+    den = tiny_denoiser()
+    kw = dict(steps=2, y=[0, 1], seeds=3, dtype=torch.bfloat16, progress=False)
+    first = fastdiff.sample(den, (2, 1, 8, 8), **kw)
+    assert all("forward" not in m.__dict__ and "_fastdiff_packed" not in m.__dict__ for m in den.model.modules())
+    run = model_cache.run_copy(den.model, "cpu", torch.bfloat16)
+    assert run is not den.model
+    convs = [m for m in run.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.__dict__["_fastdiff_packed"].weight is not None for m in convs)
+    assert torch.equal(fastdiff.sample(den, (2, 1, 8, 8), **kw), first)
