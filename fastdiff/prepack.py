@@ -8,10 +8,10 @@ Packing the weight once, as inductor's freezing pass does for compiled graphs
 ``_convolution_pointwise`` / ``_linear_pointwise``), removes it from eager inference. The result is the
 same oneDNN primitive's: in bfloat16 bitwise equal to ATen's in the cases tested; a float32 convolution
 runs oneDNN's algorithm where ATen may run its own (differences at float32 rounding, ~1e-7 relative). Linear
-is packed in bfloat16 only: ATen runs float32 Linear through MKL. Measured on the 2-core AVX-512-BF16 machine, batch 2, median of
-8 calls, ms eager -> packed: bf16 3x3 conv 1280->1280 at 8x8 6.6 -> 4.5, at 4x4 4.0 -> 1.8, 320 channels at
-32x32 3.9 -> 3.8; float32 at 8x8 32.7 -> 9.8; bf16 Linear 1280->1280 on 2 rows 0.105 -> 0.040, on
-2x77 rows 0.65 -> 0.54.
+is packed in bfloat16 only: ATen runs float32 Linear through MKL. Measured on the 2-core AVX-512-BF16
+machine (AMD EPYC), batch 2, median of 8 calls, ms eager -> packed: bf16 3x3 conv 1280->1280 at 8x8
+6.6 -> 4.5, at 4x4 4.0 -> 1.8, 320 channels at 32x32 3.9 -> 3.8; float32 at 8x8 32.7 -> 9.8; bf16 Linear
+1280->1280 on 2 rows 0.105 -> 0.040, on 2x77 rows 0.65 -> 0.54.
 
 :func:`install` gives a module tree's plain ``nn.Conv2d`` / ``nn.Linear`` instances a forward that uses the
 packed weight when the call allows it and the module's own forward otherwise:

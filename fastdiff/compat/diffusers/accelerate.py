@@ -19,8 +19,8 @@ What it does, in order (nothing is changed when ``strict=True`` finds a reason t
    each module of a patched class whose structure and code match what its patch was checked against gets the
    fused forward; every other one is listed in ``report.skipped`` with the reason.
    On the CPU without ``compile``, every plain ``nn.Conv2d`` (bf16 or float32) and ``nn.Linear`` (bf16) also
-   runs on oneDNN-packed weights (:mod:`fastdiff.prepack`; listed under ``Conv2d`` / ``Linear``): packed once at the first call,
-   repacked when a weight changes through a tracked write. Weights changed in place through ``p.data`` (some
+   runs on oneDNN-packed weights (:mod:`fastdiff.prepack`; listed under ``Conv2d`` / ``Linear``): packed
+   once at the first call, repacked when a weight changes through a tracked write. Weights changed in place through ``p.data`` (some
    LoRA merges) are not seen: fuse LoRA weights before ``accelerate`` or ``undo()`` and accelerate again.
    Under ``compile`` inductor packs weights itself.
 3. **scheduler**: the pipeline's scheduler is replaced by the fastdiff drop-in of the same class name built
