@@ -20,9 +20,9 @@ What it does, in order (nothing is changed when ``strict=True`` finds a reason t
    fused forward; every other one is listed in ``report.skipped`` with the reason.
    On the CPU without ``compile``, every plain ``nn.Conv2d`` (bf16 or float32) and ``nn.Linear`` (bf16) also
    runs on oneDNN-packed weights (:mod:`fastdiff.prepack`; listed under ``Conv2d`` / ``Linear``): packed
-   once at the first call, repacked when a weight changes through a tracked write. Weights changed in place through ``p.data`` (some
-   LoRA merges) are not seen: fuse LoRA weights before ``accelerate`` or ``undo()`` and accelerate again.
-   Under ``compile`` inductor packs weights itself.
+   once at the first call, repacked when a weight changes through a tracked write. Weights changed in place
+   through ``p.data`` (some LoRA merges) are not seen: fuse LoRA weights before ``accelerate``, or ``undo()``
+   and accelerate again. Under ``compile`` inductor packs weights itself.
 3. **scheduler**: the pipeline's scheduler is replaced by the fastdiff drop-in of the same class name built
    ``from_config`` (:mod:`fastdiff.compat.diffusers`), when there is one and it accepts the config.
 4. **the denoiser's forward** (``pipe.unet`` / ``pipe.transformer``, or a bare model with a ``timestep``
