@@ -563,8 +563,8 @@ def _sample_torch(denoiser: Denoiser, table, shape, dev, dtype, channels_last, c
                   backend, progress, callback):
     n, sample_shape = shape[0], shape[1:]
     # bf16 only: there the packed path gives ATen's bits, so a run equals the plain loop's bitwise in every dtype
-    packed = (dev.type == "cpu" and dtype == torch.bfloat16 and not compile_mode
-              and isinstance(denoiser.model, nn.Module) and prepack.available())
+    packed = (dev.type == "cpu" and dtype == torch.bfloat16 and isinstance(denoiser.model, nn.Module)
+              and prepack.available())
     prep = model_cache.prepare(denoiser.model, dev, dtype, channels_last, eval=True,
                                private=bool(compile_mode) or use_graph or packed)
     if packed and "prepacked" not in prep.caches:  # the run copy's Conv2d / Linear on packed weights

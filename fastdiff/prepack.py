@@ -18,11 +18,12 @@ packed weight when the call allows it and the module's own forward otherwise:
 
 - only on CPU tensors of the weight's dtype (float32 or bfloat16 convolutions, bfloat16 linears), outside
   autograd (``torch.no_grad`` / ``inference_mode``, or nothing requiring a gradient), outside
-  ``torch.compile``, tracing and export (inductor packs weights itself, an exported graph keeps the
-  standard op);
-- the packed weight is made at the first such call and kept beside the module, keyed by the weight's
-  identity, data pointer, autograd version counter, dtype, shape and strides: ``load_state_dict``, optimizer
-  steps, ``p.copy_`` under ``no_grad``, ``p.data = ...`` and moving the module each repack it. Writes through
+  tracing and export (an exported graph keeps the standard op); under ``torch.compile`` the packed call is
+  one opaque op (``fastdiff::packed_conv2d`` / ``fastdiff::packed_linear``) that inductor fuses around;
+- the packed weight is made at the first such call and kept in a cache keyed by the weight's storage (held
+  weakly: freeing the weight frees its entry's right to be used), data pointer, autograd version counter,
+  dtype, shape and strides: ``load_state_dict``, optimizer steps, ``p.copy_`` under ``no_grad``,
+  ``p.data = ...`` and moving the module each repack it. Writes through
   ``p.data`` in place (``p.data += d``, as some LoRA merges do) bypass the version counter and are not seen:
   undo (or :func:`forget`) and install again after those;
 - a weight oneDNN cannot pack (float16 without AVX512-FP16) is remembered and runs the module's own forward.
@@ -36,12 +37,14 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
-__all__ = ["available", "conv2d_forward", "forget", "install", "linear_forward", "packable", "packed_types",
-           "PACKED_DTYPES"]
+__all__ = ["available", "conv2d_forward", "forget", "install", "is_packed", "linear_forward", "packable",
+           "packed_types", "PACKED_DTYPES"]
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
-_ATTR = "_fastdiff_packed"
+# weight data pointer -> (weak reference to its storage, the weight's key, packed weight or None: not packable)
+_CACHE: dict = {}
 
 
 def available() -> bool:
@@ -49,22 +52,6 @@ def available() -> bool:
     ops = getattr(torch.ops, "mkldnn", None)
     return bool(torch.backends.mkldnn.is_available() and ops is not None
                 and hasattr(ops, "_convolution_pointwise") and hasattr(ops, "_linear_pointwise"))
-
-
-class _Packed:
-    """The packed weight of one module and the key of the weight it was made from. Not copied with the module
-    (``copy.deepcopy``, pickling): a copy packs its own weight at its first call."""
-
-    __slots__ = ("key", "weight")
-
-    def __init__(self):
-        self.key, self.weight = None, None
-
-    def __deepcopy__(self, memo):
-        return _Packed()
-
-    def __reduce__(self):
-        return (_Packed, ())
 
 
 def _version(t: Tensor) -> int:
@@ -75,13 +62,43 @@ def _version(t: Tensor) -> int:
 
 
 def _weight_key(w: Tensor) -> tuple:
-    return (id(w), w.data_ptr(), _version(w), w.dtype, tuple(w.shape), w.stride())
+    return (_version(w), w.dtype, tuple(w.shape), w.stride(), w.storage_offset())
+
+
+def _lookup(w: Tensor):
+    """The cache entry of ``w`` when it is current, else None."""
+    entry = _CACHE.get(w.data_ptr())
+    if entry is not None and not entry[0].expired() and entry[1] == _weight_key(w):
+        return entry
+    return None
+
+
+def _packed(w: Tensor, pack: Callable[[Tensor], Tensor]) -> Optional[Tensor]:
+    """The packed copy of weight ``w``, made (again) when ``w`` changed; None when oneDNN cannot pack it."""
+    entry = _lookup(w)
+    if entry is not None:
+        return entry[2]
+    for ptr in [p for p, e in _CACHE.items() if e[0].expired()]:  # weights freed since: drop their copies
+        del _CACHE[ptr]
+    _CACHE.pop(w.data_ptr(), None)  # the stale copy goes before the new one is made
+    try:
+        packed = pack(w.detach())
+    except RuntimeError:  # e.g. float16 without AVX512-FP16: the module's own forward from now on
+        packed = None
+    _CACHE[w.data_ptr()] = (StorageWeakRef(w.untyped_storage()), _weight_key(w), packed)
+    return packed
+
+
+def is_packed(weight: Tensor) -> bool:
+    """Whether a current packed copy of ``weight`` is cached."""
+    entry = _lookup(weight)
+    return entry is not None and entry[2] is not None
 
 
 def _eligible(module: nn.Module, x: Tensor) -> bool:
     """Whether this call may use the packed weight (else the module's own forward runs)."""
     w, b = module.weight, module.bias
-    if type(x) is not Tensor or x.device.type != "cpu" or x.dtype not in PACKED_DTYPES or x.numel() == 0:
+    if x.device.type != "cpu" or x.dtype not in PACKED_DTYPES or x.numel() == 0:
         return False
     if type(w) not in (Tensor, nn.Parameter) or w.device.type != "cpu" or w.dtype != x.dtype:
         return False
@@ -91,38 +108,72 @@ def _eligible(module: nn.Module, x: Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
         return False
-    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting())
+    if torch.compiler.is_compiling():  # torch.compile takes the opaque op; export keeps the standard op
+        return not torch.compiler.is_exporting()
+    return type(x) is Tensor and not (torch.jit.is_tracing() or torch.jit.is_scripting())
 
 
-def _packed(module: nn.Module, pack: Callable[[Tensor], Tensor]) -> Optional[Tensor]:
-    """The module's packed weight, made (again) when the weight changed; None when oneDNN cannot pack it."""
-    holder = module.__dict__.get(_ATTR)
-    if holder is None:
-        holder = module.__dict__[_ATTR] = _Packed()
-    key = _weight_key(module.weight)
-    if holder.key != key:
-        holder.weight = None  # drop the stale copy before making the new one
-        try:
-            holder.weight = pack(module.weight.detach())
-        except RuntimeError:  # e.g. float16 without AVX512-FP16: the module's own forward from now on
-            holder.weight = None
-        holder.key = key
-    return holder.weight
+def _channels_last(x: Tensor, w: Tensor) -> bool:
+    """ATen's choice of output layout for a convolution: channels_last when the input or the weight is."""
+    cl = torch.channels_last
+    return any(t.is_contiguous(memory_format=cl) and not t.is_contiguous() for t in (x, w))
+
+
+def _conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], padding: list, stride: list, dilation: list,
+            groups: int) -> Tensor:
+    packed = _packed(weight, lambda w: torch.ops.mkldnn._reorder_convolution_weight(
+        w, padding, stride, dilation, groups, list(input.shape)))
+    if packed is None:
+        return nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    fmt = torch.channels_last if _channels_last(input, weight) else torch.contiguous_format
+    if not (input.is_contiguous() or input.is_contiguous(memory_format=torch.channels_last)):
+        input = input.contiguous(memory_format=fmt)  # oneDNN takes NCHW or NHWC strides
+    out = torch.ops.mkldnn._convolution_pointwise(input, packed, bias, padding, stride, dilation, groups,
+                                                  "none", [], "")
+    return out.contiguous(memory_format=fmt)  # the layout ATen's convolution gives (a no-op when it is)
+
+
+def _linear(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    rows = input.numel() // input.shape[-1]
+    packed = _packed(weight, lambda w: torch.ops.mkldnn._reorder_linear_weight(w, rows))
+    if packed is None:
+        return nn.functional.linear(input, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(input, packed, bias, "none", [], "").contiguous()
+
+
+# The packed calls as single ops for torch.compile: the packed weight is looked up (or made) when the op runs,
+# from the weight tensor the compiled graph passes in, so a compiled model sees weight changes as eager does.
+@torch.library.custom_op("fastdiff::packed_conv2d", mutates_args=())
+def packed_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], padding: list[int], stride: list[int],
+                  dilation: list[int], groups: int) -> Tensor:
+    """``conv2d(input, weight, bias, stride, padding, dilation, groups)`` on the packed weight."""
+    return _conv2d(input, weight, bias, padding, stride, dilation, groups)
+
+
+@packed_conv2d.register_fake
+def _(input, weight, bias, padding, stride, dilation, groups):
+    out = nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    return out.contiguous(memory_format=torch.channels_last if _channels_last(input, weight)
+                          else torch.contiguous_format)
+
+
+@torch.library.custom_op("fastdiff::packed_linear", mutates_args=())
+def packed_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``linear(input, weight, bias)`` on the packed weight (bfloat16)."""
+    return _linear(input, weight, bias)
+
+
+@packed_linear.register_fake
+def _(input, weight, bias):
+    return input.new_empty((*input.shape[:-1], weight.shape[0]))
 
 
 def conv2d_forward(self: nn.Conv2d, input: Tensor) -> Tensor:
     """``nn.Conv2d.forward`` with the weight packed once (see the module docstring)."""
     if input.dim() != 4 or input.shape[1] != self.in_channels or not _eligible(self, input):
         return nn.Conv2d.forward(self, input)
-    padding, stride, dilation = list(self.padding), list(self.stride), list(self.dilation)
-    weight = _packed(self, lambda w: torch.ops.mkldnn._reorder_convolution_weight(
-        w, padding, stride, dilation, self.groups, list(input.shape)))
-    if weight is None:
-        return nn.Conv2d.forward(self, input)
-    if not (input.is_contiguous() or input.is_contiguous(memory_format=torch.channels_last)):
-        input = input.contiguous()  # oneDNN takes NCHW or NHWC strides
-    return torch.ops.mkldnn._convolution_pointwise(input, weight, self.bias, padding, stride, dilation,
-                                                   self.groups, "none", [], "")
+    args = (input, self.weight, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups)
+    return packed_conv2d(*args) if torch.compiler.is_compiling() else _conv2d(*args)
 
 
 def linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
@@ -130,11 +181,8 @@ def linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
     if input.dtype != torch.bfloat16 or input.dim() < 2 or input.shape[-1] != self.in_features \
             or not _eligible(self, input):  # float32: ATen's MKL GEMM, whose sums oneDNN's would not match
         return nn.Linear.forward(self, input)
-    rows = input.numel() // input.shape[-1]
-    weight = _packed(self, lambda w: torch.ops.mkldnn._reorder_linear_weight(w, rows))
-    if weight is None:
-        return nn.Linear.forward(self, input)
-    return torch.ops.mkldnn._linear_pointwise(input, weight, self.bias, "none", [], "")
+    args = (input, self.weight, self.bias)
+    return packed_linear(*args) if torch.compiler.is_compiling() else _linear(*args)
 
 
 def packable(module: nn.Module) -> Optional[str]:
@@ -176,7 +224,7 @@ def _swap(module: nn.Module) -> Callable[[], None]:
 
     def undo():
         module.__dict__.pop("forward", None)
-        module.__dict__.pop(_ATTR, None)
+        _CACHE.pop(module.weight.data_ptr(), None)
 
     return undo
 
@@ -216,6 +264,6 @@ def install(model: nn.Module, dtype: Optional[torch.dtype] = None
 
 
 def forget(model: nn.Module) -> None:
-    """Drop the packed weights of ``model``'s modules (each repacks at its next call)."""
-    for module in model.modules():
-        module.__dict__.pop(_ATTR, None)
+    """Drop the packed copies of ``model``'s weights (each is packed again at its next call)."""
+    for p in model.parameters():
+        _CACHE.pop(p.data_ptr(), None)

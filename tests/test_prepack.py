@@ -60,10 +60,10 @@ def test_conv2d_matches_module_and_float64(name, size, layout, dtype):
         undo, done, skipped = prepack.install(m)
         assert done == [""] and skipped == []
         out = m(x)
-        assert m.__dict__[prepack._ATTR].weight is not None  # the packed path ran
+        assert prepack.is_packed(m.weight)  # the packed path ran
     _check(out, own, ref, dtype)
     undo()
-    assert "forward" not in m.__dict__ and prepack._ATTR not in m.__dict__
+    assert "forward" not in m.__dict__ and not prepack.is_packed(m.weight)
 
 
 LINEAR_INPUTS = {"2d": (5, 40), "3d": (2, 7, 40), "one-row": (1, 40), "strided": None}
@@ -85,10 +85,10 @@ def test_linear_matches_module_and_float64(shape, bias, dtype):
         prepack.install(m)
         out = m(x)
     if dtype == torch.bfloat16:
-        assert m.__dict__[prepack._ATTR].weight is not None
+        assert prepack.is_packed(m.weight)
         _check(out, own, ref, dtype)
     else:  # float32 Linear is ATen's (MKL): not packed, the module's own bits
-        assert prepack._ATTR not in m.__dict__ and torch.equal(out, own)
+        assert not prepack.is_packed(m.weight) and torch.equal(out, own)
 
 
 def test_autograd_calls_take_the_module_forward_with_gradients():
@@ -96,7 +96,7 @@ def test_autograd_calls_take_the_module_forward_with_gradients():
     prepack.install(m)
     x = torch.randn(2, 32, 8, 8, requires_grad=True)
     out = m(x)
-    assert out.grad_fn is not None and prepack._ATTR not in m.__dict__  # nothing was packed
+    assert out.grad_fn is not None and not prepack.is_packed(m.weight)  # nothing was packed
     out.square().sum().backward()
     g_packed = (x.grad.clone(), m.weight.grad.clone())
     x.grad, m.weight.grad = None, None
@@ -111,7 +111,7 @@ def test_a_weight_change_repacks(change):
     x = torch.randn(3, 16, dtype=torch.bfloat16)
     with torch.no_grad():
         m(x)
-        packed = m.__dict__[prepack._ATTR].weight
+        packed = prepack._CACHE[m.weight.data_ptr()][2]
         new = torch.randn(8, 16, dtype=torch.bfloat16)
         if change == "load_state_dict":
             m.load_state_dict({"weight": new, "bias": m.bias.detach().clone()})
@@ -126,7 +126,7 @@ def test_a_weight_change_repacks(change):
     assert torch.equal(m.weight.detach(), new.to(m.weight.dtype))
     assert torch.equal(out, nn.Linear.forward(m, x))
     if change != "module_to_float64":
-        assert m.__dict__[prepack._ATTR].weight is not packed
+        assert prepack.is_packed(m.weight) and prepack._CACHE[m.weight.data_ptr()][2] is not packed
 
 
 def test_inference_weights_float16_and_bad_inputs():
@@ -158,7 +158,7 @@ def test_copies_pack_their_own_weights_and_pickle():
     with torch.no_grad():
         before = m(x)
         twin = copy.deepcopy(m)
-        assert twin[0].__dict__[prepack._ATTR].weight is None  # not shared with the original
+        assert not prepack.is_packed(twin[0].weight)  # a copy packs its own weights
         twin[0].weight.mul_(2)
         assert not torch.allclose(twin(x), before)
         assert torch.equal(m(x), before)
@@ -169,16 +169,33 @@ def test_copies_pack_their_own_weights_and_pickle():
         assert torch.allclose(loaded(x), before)
         assert torch.allclose(pickle.loads(pickle.dumps(m))(x), before)
     prepack.forget(m)
-    assert all(prepack._ATTR not in mod.__dict__ for mod in m.modules())
+    assert not any(prepack.is_packed(p) for p in m.parameters())
 
 
-def test_compile_traces_the_module_forward():
-    m = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.SiLU()).eval()
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_compile_runs_the_packed_ops_and_sees_weight_changes(backend):
+    m = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.SiLU(), nn.Flatten(), nn.Linear(8 * 36, 5))
+    m = m.to(torch.bfloat16).eval()
     prepack.install(m)
-    x = torch.randn(1, 4, 6, 6)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.bfloat16)
+    compiled = torch.compile(m, backend=backend, dynamic=False)
     with torch.no_grad():
-        out = torch.compile(m, backend="eager")(x)
-        assert torch.allclose(out, nn.functional.silu(nn.Conv2d.forward(m[0], x)), atol=1e-6)
+        want = nn.Linear.forward(m[3], m[2](m[1](nn.Conv2d.forward(m[0], x))))
+        assert torch.equal(compiled(x), want)
+        assert prepack.is_packed(m[0].weight) and prepack.is_packed(m[3].weight)
+        m[0].weight.mul_(2)  # a compiled graph passes the weight in: the change is seen
+        want = nn.Linear.forward(m[3], m[2](m[1](nn.Conv2d.forward(m[0], x))))
+        assert torch.equal(compiled(x), want)
+
+
+def test_export_keeps_the_standard_ops():
+    m = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 36, 5)).to(torch.bfloat16).eval()
+    prepack.install(m)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.bfloat16)
+    with torch.no_grad():
+        graph = torch.export.export(m, (x,)).graph
+    targets = {str(n.target) for n in graph.nodes if n.op == "call_function"}
+    assert not any("fastdiff" in t or "mkldnn" in t for t in targets), targets
 
 
 @pytest.mark.parametrize("module,reason", [

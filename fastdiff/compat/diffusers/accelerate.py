@@ -18,11 +18,11 @@ What it does, in order (nothing is changed when ``strict=True`` finds a reason t
    (the adaLN norms), :mod:`patches_dit` (DiT, PixArt), :mod:`patches_mmdit` (SD3, SD3.5), :mod:`patches_flux`):
    each module of a patched class whose structure and code match what its patch was checked against gets the
    fused forward; every other one is listed in ``report.skipped`` with the reason.
-   On the CPU without ``compile``, every plain ``nn.Conv2d`` (bf16 or float32) and ``nn.Linear`` (bf16) also
+   On the CPU every plain ``nn.Conv2d`` (bf16 or float32) and ``nn.Linear`` (bf16) also
    runs on oneDNN-packed weights (:mod:`fastdiff.prepack`; listed under ``Conv2d`` / ``Linear``): packed
    once at the first call, repacked when a weight changes through a tracked write. Weights changed in place
    through ``p.data`` (some LoRA merges) are not seen: fuse LoRA weights before ``accelerate``, or ``undo()``
-   and accelerate again. Under ``compile`` inductor packs weights itself.
+   and accelerate again. Under ``compile`` each packed call is one opaque op inductor fuses around.
 3. **scheduler**: the pipeline's scheduler is replaced by the fastdiff drop-in of the same class name built
    ``from_config`` (:mod:`fastdiff.compat.diffusers`), when there is one and it accepts the config.
 4. **the denoiser's forward** (``pipe.unet`` / ``pipe.transformer``, or a bare model with a ``timestep``
@@ -448,7 +448,7 @@ def accelerate(obj, *, dtype=None, channels_last: Optional[bool] = None, cuda_gr
         use_graph = False
 
     plan, skipped = _plan_patches(components, _patches())
-    pack = device.type == "cpu" and compile is False and prepack.available() and prepack.packed_types(dtype)
+    pack = device.type == "cpu" and prepack.available() and prepack.packed_types(dtype)
     if pack:  # the conv / linear modules whose weights will not be packed, and why
         skipped += [(_join(name, path), f"{type(m).__name__}: {why}") for name, comp in components
                     for path, m in comp.named_modules() if isinstance(m, prepack.packed_types(dtype))
