@@ -172,6 +172,9 @@ def test_bfloat16_error_is_that_of_diffusers_bfloat16(name):
     out = run(model, inputs)
     assert out.dtype == torch.float32
     assert rel_l2(out, ref) <= 2 * err_theirs + 1e-3
+    gelus = [p for p, m in model.named_modules() if type(m).__name__ == "GELU"]
+    assert sorted(report.patched.get("GELU", [])) == sorted(gelus)  # fused into the packed Linear (CPU, bf16)
+    assert_packed_every_plain_layer(report, model)
     report.undo()
 
 

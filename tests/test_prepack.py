@@ -206,3 +206,23 @@ def test_export_keeps_the_standard_ops():
 def test_modules_left_alone_are_reported(module, reason):
     undo, done, skipped = prepack.install(nn.Sequential(module))
     assert done == [] and len(skipped) == 1 and reason in skipped[0][1]
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("shape", [(3, 40), (2, 9, 40)], ids=["2d", "3d"])
+def test_linear_gelu_fuses_in_bf16_and_is_the_two_ops_elsewhere(shape, approximate):
+    torch.manual_seed(0)
+    m = nn.Linear(40, 64).eval()
+    x = torch.randn(*shape)
+    ref = nn.functional.gelu(nn.functional.linear(x.double(), m.weight.double(), m.bias.double()),
+                             approximate=approximate)
+    with torch.no_grad():
+        assert torch.equal(prepack.linear_gelu(m, x, approximate), nn.functional.gelu(m(x), approximate=approximate))
+        b = m.to(torch.bfloat16)
+        xb = x.to(torch.bfloat16)
+        two_ops = nn.functional.gelu(b(xb), approximate=approximate)
+        fused = prepack.linear_gelu(b, xb, approximate)
+    assert prepack.is_packed(b.weight) and fused.shape == two_ops.shape and fused.dtype == torch.bfloat16
+    assert rel(fused, ref) <= 2 * rel(two_ops, ref)
+    with pytest.raises(ValueError, match="approximate"):
+        prepack.linear_gelu(b, xb, "erf")

@@ -15,7 +15,8 @@ What it does, in order (nothing is changed when ``strict=True`` finds a reason t
    of a dtype conversion are kept for :meth:`AccelerateReport.undo` (on the CPU when the model is on CUDA); a
    layout-only change keeps nothing (undo copies the values back into the original strides).
 2. **patches** (:mod:`patches_unet`, :mod:`patches_vae`; for diffusion transformers :mod:`patches_transformer`
-   (the adaLN norms), :mod:`patches_dit` (DiT, PixArt), :mod:`patches_mmdit` (SD3, SD3.5), :mod:`patches_flux`):
+   (the adaLN norms), :mod:`patches_dit` (DiT, PixArt), :mod:`patches_mmdit` (SD3, SD3.5), :mod:`patches_flux`;
+   on the CPU in bf16 :mod:`patches_activations`, GELU as the packed Linear's post-op):
    each module of a patched class whose structure and code match what its patch was checked against gets the
    fused forward; every other one is listed in ``report.skipped`` with the reason.
    On the CPU every plain ``nn.Conv2d`` (bf16 or float32) and ``nn.Linear`` (bf16) also
@@ -124,12 +125,15 @@ class AccelerateReport:
         return "\n".join(lines)
 
 
-def _patches() -> tuple:
+def _patches(cpu_packed: bool = False) -> tuple:
+    """Every patch; with ``cpu_packed`` (a CPU run on packed weights) also the activation patches that fuse
+    into the packed Linear."""
+    from fastdiff.compat.diffusers.patches_activations import ACTIVATION_PATCHES
     from fastdiff.compat.diffusers.patches_transformer import transformer_patches
     from fastdiff.compat.diffusers.patches_unet import UNET_PATCHES
     from fastdiff.compat.diffusers.patches_vae import VAE_PATCHES
 
-    return UNET_PATCHES + VAE_PATCHES + transformer_patches()
+    return UNET_PATCHES + VAE_PATCHES + transformer_patches() + (ACTIVATION_PATCHES if cpu_packed else ())
 
 
 def _join(*parts: str) -> str:
@@ -447,8 +451,8 @@ def accelerate(obj, *, dtype=None, channels_last: Optional[bool] = None, cuda_gr
             raise ValueError("compile mode 'reduce-overhead' records its own CUDA graphs: use cuda_graph=False")
         use_graph = False
 
-    plan, skipped = _plan_patches(components, _patches())
-    pack = device.type == "cpu" and prepack.available() and prepack.packed_types(dtype)
+    pack = device.type == "cpu" and prepack.available() and bool(prepack.packed_types(dtype))
+    plan, skipped = _plan_patches(components, _patches(pack and nn.Linear in prepack.packed_types(dtype)))
     if pack:  # the conv / linear modules whose weights will not be packed, and why
         skipped += [(_join(name, path), f"{type(m).__name__}: {why}") for name, comp in components
                     for path, m in comp.named_modules() if isinstance(m, prepack.packed_types(dtype))

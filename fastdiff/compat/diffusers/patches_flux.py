@@ -24,9 +24,9 @@ from diffusers.models.transformers.transformer_flux import (
     FluxSingleTransformerBlock,
     FluxTransformerBlock,
 )
-from torch import Tensor
+from torch import Tensor, nn
 
-from fastdiff import ops
+from fastdiff import ops, prepack
 from fastdiff.compat.diffusers.patches_transformer import (
     check_qk_norms,
     gated_residual,
@@ -34,7 +34,7 @@ from fastdiff.compat.diffusers.patches_transformer import (
     layer_norm_modulated,
     plain_layer_norms,
 )
-from fastdiff.compat.diffusers.patching import ModulePatch, swap_processor
+from fastdiff.compat.diffusers.patching import ModulePatch, hooks_on, swap_processor
 
 __all__ = ["FluxTransformerBlockPatch", "FluxSingleTransformerBlockPatch", "FluxAttnProcessorPatch",
            "FastdiffFluxAttnProcessor", "FLUX_PATCHES"]
@@ -84,13 +84,17 @@ def flux_single_transformer_block_forward(self: FluxSingleTransformerBlock, hidd
                                           encoder_hidden_states: Tensor, temb: Tensor,
                                           image_rotary_emb: Optional[tuple[Tensor, Tensor]] = None,
                                           joint_attention_kwargs: Optional[dict[str, Any]] = None):
-    """FluxSingleTransformerBlock.forward with the gated residual as one addcmul; the joint sequence is
+    """FluxSingleTransformerBlock.forward with the gated residual as one addcmul and, on the CPU in bf16, the
+    MLP's GELU as the packed Linear's post-op (:func:`fastdiff.prepack.linear_gelu`); the joint sequence is
     (text + image) tokens, (B, S, D)."""
     text_seq_len = encoder_hidden_states.shape[1]
     hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # (B, S, D)
     residual = hidden_states
     norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
-    mlp_hidden_states = self.act_mlp(self.proj_mlp(norm_hidden_states))  # (B, S, mlp_ratio D)
+    if type(self.act_mlp) is nn.GELU and not hooks_on(self.act_mlp, self.proj_mlp):  # one op on the CPU
+        mlp_hidden_states = prepack.linear_gelu(self.proj_mlp, norm_hidden_states, self.act_mlp.approximate)
+    else:
+        mlp_hidden_states = self.act_mlp(self.proj_mlp(norm_hidden_states))  # (B, S, mlp_ratio D)
     joint_attention_kwargs = joint_attention_kwargs or {}
     attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb,
                             **joint_attention_kwargs)
