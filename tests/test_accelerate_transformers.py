@@ -11,6 +11,7 @@ import torch
 from accelerate_models import assert_packed_every_plain_layer, block_counts
 from conftest import DIFFUSERS_WARNINGS, rel_l2
 from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
+from diffusers.models.activations import GELU
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.normalization import FP32LayerNorm, RMSNorm
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxSingleTransformerBlock
@@ -172,7 +173,7 @@ def test_bfloat16_error_is_that_of_diffusers_bfloat16(name):
     out = run(model, inputs)
     assert out.dtype == torch.float32
     assert rel_l2(out, ref) <= 2 * err_theirs + 1e-3
-    gelus = [p for p, m in model.named_modules() if type(m).__name__ == "GELU"]
+    gelus = [p for p, m in model.named_modules() if type(m) is GELU]
     assert sorted(report.patched.get("GELU", [])) == sorted(gelus)  # fused into the packed Linear (CPU, bf16)
     assert_packed_every_plain_layer(report, model)
     report.undo()
