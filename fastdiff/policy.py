@@ -8,8 +8,8 @@ It sits below ``engine.py`` and ``compat/`` so both read one policy without an u
 - **channels_last** (:func:`use_channels_last`): on CUDA for every convolutional model; on the CPU only for
   bf16 conv models of at least :data:`CPU_CHANNELS_LAST_MIN_PARAMS` parameters, because NHWC speeds up
   oneDNN's bf16 convolutions but slows ATen's bf16 GroupNorm (up to 25x for (64, 64, 16, 16), 32
-  groups). Measured on 2 AMX cores, bf16, whole sampling loops: the 35.7M-parameter DDPM-CIFAR10 U-Net
-  runs 1.2x faster in NHWC, the 1.2M-parameter digits U-Net 2.5x slower.
+  groups). Measured on 2 AVX512-BF16 cores (AMD EPYC), bf16, whole sampling loops: the 35.7M-parameter
+  DDPM-CIFAR10 U-Net runs 1.2x faster in NHWC, the 1.2M-parameter digits U-Net 2.5x slower.
 - **threads** (:func:`cpu_threads`): the requested count, else torch's default, or 1 when the machine is
   already busy (1-minute load average >= cores): OpenMP regions wait for every thread, and a descheduled
   thread stalls each one. The CLI sets it for the process; ``fastdiff.sample`` on the CPU applies it for
