@@ -66,17 +66,20 @@ def _weight_key(w: Tensor) -> tuple:
     return (_version(w), w.dtype, tuple(w.shape), w.stride(), w.storage_offset())
 
 
-def _lookup(w: Tensor):
-    """The cache entry of ``w`` when it is current, else None."""
+def _lookup(w: Tensor, use: tuple = ()):
+    """The cache entry of ``w`` when it is current (and was packed for ``use``, when given), else None."""
     entry = _CACHE.get(w.data_ptr())
-    if entry is not None and not entry[0].expired() and entry[1] == _weight_key(w):
+    if entry is not None and not entry[0].expired() and entry[1][:-1] == _weight_key(w) \
+            and (not use or entry[1][-1] == use):
         return entry
     return None
 
 
-def _packed(w: Tensor, pack: Callable[[Tensor], Tensor]) -> Optional[Tensor]:
-    """The packed copy of weight ``w``, made (again) when ``w`` changed; None when oneDNN cannot pack it."""
-    entry = _lookup(w)
+def _packed(w: Tensor, pack: Callable[[Tensor], Tensor], use: tuple) -> Optional[Tensor]:
+    """The packed copy of weight ``w`` for ``use`` (what the packed layout depends on besides the weight: a
+    convolution's padding, stride, dilation and groups), made (again) when ``w`` changed; None when oneDNN
+    cannot pack it."""
+    entry = _lookup(w, use)
     if entry is not None:
         return entry[2]
     for ptr in [p for p, e in _CACHE.items() if e[0].expired()]:  # weights freed since: drop their copies
@@ -86,7 +89,7 @@ def _packed(w: Tensor, pack: Callable[[Tensor], Tensor]) -> Optional[Tensor]:
         packed = pack(w.detach())
     except RuntimeError:  # e.g. float16 without AVX512-FP16: the module's own forward from now on
         packed = None
-    _CACHE[w.data_ptr()] = (StorageWeakRef(w.untyped_storage()), _weight_key(w), packed)
+    _CACHE[w.data_ptr()] = (StorageWeakRef(w.untyped_storage()), _weight_key(w) + (use,), packed)
     return packed
 
 
@@ -123,7 +126,7 @@ def _channels_last(x: Tensor, w: Tensor) -> bool:
 def _conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], padding: list, stride: list, dilation: list,
             groups: int) -> Tensor:
     packed = _packed(weight, lambda w: torch.ops.mkldnn._reorder_convolution_weight(
-        w, padding, stride, dilation, groups, list(input.shape)))
+        w, padding, stride, dilation, groups, list(input.shape)), ("conv2d", *padding, *stride, *dilation, groups))
     if packed is None:
         return nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
     fmt = torch.channels_last if _channels_last(input, weight) else torch.contiguous_format
@@ -136,7 +139,7 @@ def _conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], padding: list
 
 def _linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: str = "") -> Tensor:
     rows = input.numel() // input.shape[-1]
-    packed = _packed(weight, lambda w: torch.ops.mkldnn._reorder_linear_weight(w, rows))
+    packed = _packed(weight, lambda w: torch.ops.mkldnn._reorder_linear_weight(w, rows), ("linear",))
     if packed is None:
         out = nn.functional.linear(input, weight, bias)
         return nn.functional.gelu(out, approximate=gelu) if gelu else out

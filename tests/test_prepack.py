@@ -226,3 +226,15 @@ def test_linear_gelu_fuses_in_bf16_and_is_the_two_ops_elsewhere(shape, approxima
     assert rel(fused, ref) <= 2 * rel(two_ops, ref)
     with pytest.raises(ValueError, match="approximate"):
         prepack.linear_gelu(b, xb, "erf")
+
+
+def test_a_weight_shared_by_two_convolutions_is_packed_for_each_use():
+    a = nn.Conv2d(8, 8, 3, padding=1).to(torch.bfloat16).eval()
+    b = nn.Conv2d(8, 8, 3, stride=2, padding=2, dilation=2).to(torch.bfloat16).eval()
+    b.weight, b.bias = a.weight, a.bias  # tied
+    prepack.install(a)
+    prepack.install(b)
+    x = torch.randn(2, 8, 9, 9, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for m in (a, b, a, b):
+            assert torch.equal(m(x), nn.Conv2d.forward(m, x))
