@@ -5,6 +5,7 @@ fastdiff.samplers.sample_loop (the PyTorch loop) for whole sampling loops. Expor
 each), so each graph is exported once per module and used by every test that needs it.
 """
 
+import copy
 import os
 from pathlib import Path
 
@@ -243,6 +244,12 @@ def test_export_bad_arguments(tmp_module):
         to_onnx(model, tmp_module / "bad.onnx", example_batch=0)
     with pytest.raises(ValueError, match="model_or_denoiser"):
         to_onnx("not a model", tmp_module / "bad.onnx")
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="model_or_denoiser: the model's weights are bfloat16"):
+        to_onnx(bf16, tmp_module / "bad.onnx")
+    with pytest.raises(ValueError, match="bfloat16"):
+        step_to_onnx(Denoiser(bf16, VPSchedule()), "ddim", tmp_module / "bad.onnx")
+    assert not (tmp_module / "bad.onnx").exists()
     denoiser = Denoiser(model, VPSchedule(), dynamic_threshold=0.995)
     with pytest.raises(ValueError, match="dynamic thresholding"):
         step_to_onnx(denoiser, "ddim", tmp_module / "bad.onnx")

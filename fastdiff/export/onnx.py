@@ -230,11 +230,23 @@ def _split(model_or_denoiser):
         if not isinstance(model, nn.Module):
             raise ValueError(f"the Denoiser's model must be an nn.Module to export, got "
                              f"{type(model).__name__}")
-        return model, model_or_denoiser
+        return _exportable(model), model_or_denoiser
     if isinstance(model_or_denoiser, nn.Module):
-        return model_or_denoiser, None
+        return _exportable(model_or_denoiser), None
     raise ValueError(f"model_or_denoiser must be an nn.Module or a fastdiff Denoiser, got "
                      f"{type(model_or_denoiser).__name__}")
+
+
+def _exportable(model: nn.Module) -> nn.Module:
+    """``model``, after checking that ONNX's default domain can hold its weights: bfloat16 weights cannot be
+    ``Conv`` inputs there (its types are float16, float32, float64), so the export would fail in the checker
+    after all its work."""
+    found = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if torch.bfloat16 in found:
+        raise ValueError("model_or_denoiser: the model's weights are bfloat16, which ONNX's standard Conv does "
+                         "not take (float16, float32 or float64); export a float32 copy (copy.deepcopy(model)"
+                         ".float()), and run it in ONNX Runtime in float32 or float16")
+    return model
 
 
 def _example_inputs(model: nn.Module, batch: int, input_shape: Optional[Sequence[int]]) -> tuple:
