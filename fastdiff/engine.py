@@ -568,7 +568,8 @@ def _sample_torch(denoiser: Denoiser, table, shape, dev, dtype, channels_last, c
     prep = model_cache.prepare(denoiser.model, dev, dtype, channels_last, eval=True,
                                private=bool(compile_mode) or use_graph or packed)
     if packed and "prepacked" not in prep.caches:  # the run copy's Conv2d / Linear on packed weights
-        prep.caches["prepacked"] = prepack.install(prep.model, dtype)[0]
+        prepack.install(prep.model, dtype)  # a private copy: nothing to undo
+        prep.caches["prepacked"] = True
     run = _run_denoiser(denoiser, prep, dtype, channels_last, compile_mode)
     frame = state_frame(denoiser.schedule)  # a flow run starts at sigma = inf: its own frame
     dtab, digest = _device_table(table, run, dev, frame)

@@ -49,7 +49,7 @@ class Prepared(NamedTuple):
     caches: dict
 
 
-def _version(t: Tensor) -> int:
+def version_counter(t: Tensor) -> int:
     try:
         return t._version
     except RuntimeError:  # inference tensors keep no version counter
@@ -62,7 +62,7 @@ def _tensors(model: nn.Module) -> list:
 
 
 def _meta(tensors: list) -> tuple:
-    return tuple((t.data_ptr(), _version(t), t.dtype, t.device, tuple(t.shape), tuple(t.stride()))
+    return tuple((t.data_ptr(), version_counter(t), t.dtype, t.device, tuple(t.shape), tuple(t.stride()))
                  for t in tensors)
 
 

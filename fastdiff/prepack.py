@@ -33,19 +33,28 @@ The packed copy costs as much memory as the weight itself.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from fastdiff.model_cache import version_counter
+
 __all__ = ["available", "conv2d_forward", "forget", "install", "is_packed", "linear_forward", "linear_gelu",
-           "packable", "packed_types", "PACKED_DTYPES"]
+           "packable", "packed_types", "plan", "PACKED_DTYPES"]
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
-_INSTALLED = "the packed forward is installed already"
-# weight data pointer -> (weak reference to its storage, the weight's key, packed weight or None: not packable)
-_CACHE: dict = {}
+
+
+class _Entry(NamedTuple):
+    storage: StorageWeakRef  # the weight's storage, held weakly: an expired one frees the entry
+    key: tuple  # the weight's version counter, dtype, shape, strides, offset when packed
+    use: tuple  # what else the packed layout depends on (a convolution's padding, stride, dilation, groups)
+    packed: Optional[Tensor]  # None: oneDNN cannot pack this weight
+
+
+_CACHE: dict = {}  # weight data pointer -> _Entry
 
 
 def available() -> bool:
@@ -55,48 +64,40 @@ def available() -> bool:
                 and hasattr(ops, "_convolution_pointwise") and hasattr(ops, "_linear_pointwise"))
 
 
-def _version(t: Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # an inference tensor keeps no version counter: pack it once
-        return -1
-
-
 def _weight_key(w: Tensor) -> tuple:
-    return (_version(w), w.dtype, tuple(w.shape), w.stride(), w.storage_offset())
+    # an inference tensor keeps no version counter (-1): it is packed once
+    return (version_counter(w), w.dtype, tuple(w.shape), w.stride(), w.storage_offset())
 
 
-def _lookup(w: Tensor, use: tuple = ()):
+def _lookup(w: Tensor, use: Optional[tuple] = None) -> Optional[_Entry]:
     """The cache entry of ``w`` when it is current (and was packed for ``use``, when given), else None."""
     entry = _CACHE.get(w.data_ptr())
-    if entry is not None and not entry[0].expired() and entry[1][:-1] == _weight_key(w) \
-            and (not use or entry[1][-1] == use):
-        return entry
-    return None
+    if entry is None or entry.storage.expired() or entry.key != _weight_key(w):
+        return None
+    return entry if use is None or entry.use == use else None
 
 
 def _packed(w: Tensor, pack: Callable[[Tensor], Tensor], use: tuple) -> Optional[Tensor]:
-    """The packed copy of weight ``w`` for ``use`` (what the packed layout depends on besides the weight: a
-    convolution's padding, stride, dilation and groups), made (again) when ``w`` changed; None when oneDNN
-    cannot pack it."""
+    """The packed copy of weight ``w`` for ``use``, made (again) when ``w`` changed; None when oneDNN cannot
+    pack it."""
     entry = _lookup(w, use)
     if entry is not None:
-        return entry[2]
-    for ptr in [p for p, e in _CACHE.items() if e[0].expired()]:  # weights freed since: drop their copies
+        return entry.packed
+    for ptr in [p for p, e in _CACHE.items() if e.storage.expired()]:  # weights freed since: drop their copies
         del _CACHE[ptr]
     _CACHE.pop(w.data_ptr(), None)  # the stale copy goes before the new one is made
     try:
         packed = pack(w.detach())
     except RuntimeError:  # e.g. float16 without AVX512-FP16: the module's own forward from now on
         packed = None
-    _CACHE[w.data_ptr()] = (StorageWeakRef(w.untyped_storage()), _weight_key(w) + (use,), packed)
+    _CACHE[w.data_ptr()] = _Entry(StorageWeakRef(w.untyped_storage()), _weight_key(w), use, packed)
     return packed
 
 
 def is_packed(weight: Tensor) -> bool:
     """Whether a current packed copy of ``weight`` is cached."""
     entry = _lookup(weight)
-    return entry is not None and entry[2] is not None
+    return entry is not None and entry.packed is not None
 
 
 def _eligible(module: nn.Module, x: Tensor) -> bool:
@@ -203,8 +204,9 @@ def linear_gelu(linear: nn.Linear, input: Tensor, approximate: str = "none") -> 
     ops: bf16 (1, 1152, 768) -> 3072, tanh: relative error 1.7e-3 against 2.7e-3; 6.4 against 8.3 ms)."""
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
-    if type(linear) is not nn.Linear or packable(linear) not in (None, _INSTALLED) \
-            or not _linear_eligible(linear, input):
+    own = "forward" not in linear.__dict__ or isinstance(linear.__dict__["forward"], _PackedForward)
+    if type(linear) is not nn.Linear or not own or linear._forward_hooks or linear._forward_pre_hooks \
+            or not available() or not _linear_eligible(linear, input):  # (hooks the fused call would bypass)
         return nn.functional.gelu(linear(input), approximate=approximate)
     args = (input, linear.weight, linear.bias, approximate)
     return packed_linear(*args) if torch.compiler.is_compiling() else _linear(*args)
@@ -215,8 +217,7 @@ def packable(module: nn.Module) -> Optional[str]:
     if type(module) not in (nn.Conv2d, nn.Linear):
         return f"{type(module).__name__} is not a plain nn.Conv2d or nn.Linear"
     if "forward" in module.__dict__:
-        return _INSTALLED if isinstance(module.__dict__["forward"], _PackedForward) else \
-            "the instance's forward was replaced (by another tool or an earlier patch)"
+        return "the instance's forward was replaced (by another tool or an earlier patch)"
     if isinstance(module, nn.Conv2d):
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r} (only 'zeros' is packed)"
@@ -262,31 +263,34 @@ def packed_types(dtype: Optional[torch.dtype]) -> tuple:
     return (nn.Conv2d,) if dtype == torch.float32 else ()
 
 
+def plan(model: nn.Module, dtype: Optional[torch.dtype] = None
+         ) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, str]]]:
+    """([(path, module)] that :func:`install` gives the packed forward, [(path, reason)] for the conv / linear
+    modules it leaves alone): those that pack in ``dtype`` (:func:`packed_types`; None: every one)."""
+    take, skipped = [], []
+    for path, module in model.named_modules():
+        if isinstance(module, packed_types(dtype)):
+            reason = packable(module)
+            if reason is None:
+                take.append((path, module))
+            else:
+                skipped.append((path, reason))
+    return take, skipped
+
+
 def install(model: nn.Module, dtype: Optional[torch.dtype] = None
             ) -> tuple[Callable[[], None], list[str], list[tuple[str, str]]]:
-    """Give the plain ``nn.Conv2d`` / ``nn.Linear`` modules of ``model`` the packed forward: those that pack
-    in ``dtype`` (:func:`packed_types`; None: every one).
-
-    Returns (undo, the paths of the modules given it, [(path, reason)] for the conv / linear modules left
-    alone). Nothing is packed here: each module packs its weight at its first eligible call.
-    """
-    undos, done, skipped = [], [], []
-    types = packed_types(dtype)
-    for path, module in model.named_modules():
-        if not isinstance(module, types):
-            continue
-        reason = packable(module)
-        if reason is None:
-            undos.append(_swap(module))
-            done.append(path)
-        else:
-            skipped.append((path, reason))
+    """Give the modules :func:`plan` takes the packed forward. Returns (undo, their paths, [(path, reason)] for
+    the conv / linear modules left alone). Nothing is packed here: each module packs its weight at its
+    first eligible call."""
+    take, skipped = plan(model, dtype)
+    undos = [_swap(module) for _, module in take]
 
     def undo():
         while undos:
             undos.pop()()
 
-    return undo, done, skipped
+    return undo, [path for path, _ in take], skipped
 
 
 def forget(model: nn.Module) -> None:

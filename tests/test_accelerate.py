@@ -334,14 +334,14 @@ def test_cpu_weights_are_packed_once_and_repacked_when_they_change():
     report = accelerate(model, dtype=torch.bfloat16)
     run(model, fn)
     w = model.conv_in.weight
-    packed = prepack._CACHE[w.data_ptr()][2]
+    packed = prepack._CACHE[w.data_ptr()].packed
     assert packed is not None
     run(model, fn)
-    assert prepack._CACHE[w.data_ptr()][2] is packed  # kept between calls
+    assert prepack._CACHE[w.data_ptr()].packed is packed  # kept between calls
     new = {k: v * 0.5 if v.is_floating_point() else v for k, v in model.state_dict().items()}
     model.load_state_dict(new)
     out = run(model, fn)
-    assert prepack.is_packed(w) and prepack._CACHE[w.data_ptr()][2] is not packed
+    assert prepack.is_packed(w) and prepack._CACHE[w.data_ptr()].packed is not packed
     twin.load_state_dict(new)
     twin_report = accelerate(twin, dtype=torch.bfloat16)  # packs the new weights at its first call
     assert torch.equal(out, run(twin, fn))

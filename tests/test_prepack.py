@@ -111,7 +111,7 @@ def test_a_weight_change_repacks(change):
     x = torch.randn(3, 16, dtype=torch.bfloat16)
     with torch.no_grad():
         m(x)
-        packed = prepack._CACHE[m.weight.data_ptr()][2]
+        packed = prepack._CACHE[m.weight.data_ptr()].packed
         new = torch.randn(8, 16, dtype=torch.bfloat16)
         if change == "load_state_dict":
             m.load_state_dict({"weight": new, "bias": m.bias.detach().clone()})
@@ -126,7 +126,7 @@ def test_a_weight_change_repacks(change):
     assert torch.equal(m.weight.detach(), new.to(m.weight.dtype))
     assert torch.equal(out, nn.Linear.forward(m, x))
     if change != "module_to_float64":
-        assert prepack.is_packed(m.weight) and prepack._CACHE[m.weight.data_ptr()][2] is not packed
+        assert prepack.is_packed(m.weight) and prepack._CACHE[m.weight.data_ptr()].packed is not packed
 
 
 def test_inference_weights_float16_and_bad_inputs():
@@ -138,7 +138,7 @@ def test_inference_weights_float16_and_bad_inputs():
     h = nn.Conv2d(8, 8, 1).half()
     prepack.install(h)
     xh = torch.randn(2, 8, 3, 3, dtype=torch.float16)
-    with torch.no_grad():  # packed where oneDNN can, else the module's forward: the same values either way
+    with torch.no_grad():  # float16 is not packed: the module's own forward
         assert torch.allclose(h(xh).float(), nn.Conv2d.forward(h, xh).float(), atol=1e-2)
     c = nn.Conv2d(4, 4, 3)
     prepack.install(c)
@@ -226,6 +226,11 @@ def test_linear_gelu_fuses_in_bf16_and_is_the_two_ops_elsewhere(shape, approxima
     assert rel(fused, ref) <= 2 * rel(two_ops, ref)
     with pytest.raises(ValueError, match="approximate"):
         prepack.linear_gelu(b, xb, "erf")
+    seen = []
+    b.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.no_grad():  # a hook on the Linear: it is called as a module, the hook fires
+        assert torch.equal(prepack.linear_gelu(b, xb, approximate), two_ops)
+    assert len(seen) == 1
 
 
 def test_a_weight_shared_by_two_convolutions_is_packed_for_each_use():

@@ -91,7 +91,8 @@ def flux_single_transformer_block_forward(self: FluxSingleTransformerBlock, hidd
     hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # (B, S, D)
     residual = hidden_states
     norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
-    if type(self.act_mlp) is nn.GELU and not hooks_on(self.act_mlp, self.proj_mlp):  # one op on the CPU
+    # one op on the CPU in bf16 (linear_gelu itself runs proj_mlp as a module where it has hooks)
+    if type(self.act_mlp) is nn.GELU and not hooks_on(self.act_mlp):
         mlp_hidden_states = prepack.linear_gelu(self.proj_mlp, norm_hidden_states, self.act_mlp.approximate)
     else:
         mlp_hidden_states = self.act_mlp(self.proj_mlp(norm_hidden_states))  # (B, S, mlp_ratio D)
