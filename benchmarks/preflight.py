@@ -12,7 +12,8 @@ when the kernel's error is at most twice that of the same computation in PyTorch
 - ``group_norm_modulate`` (AdaGN + SiLU, channels_last) and ``layer_norm_modulate`` (DiT's modulate);
 - ``attention`` forward and backward (head dim 72: the split tile; lengths that are no multiple of the
   block), at the first autotune configuration of its table, so that no autotuning runs here;
-- ``sampler_step`` (a guided, noisy DPM-Solver++ row with a history slot).
+- ``sampler_step`` (a guided, noisy DPM-Solver++ row with a history slot);
+- ``qk_norm_rope`` (Flux's layout: (B, H, S, D) views of (B, S, H, D) q and k, weights and rope tables).
 
 On the CPU (the suite's dry run) the shapes shrink to what the interpreter runs in seconds.
 
@@ -138,11 +139,31 @@ def check_sampler_step(device, dtype, gen, small) -> dict:
             "history": (rel_l2(hist, ref_hist), rel_l2(torch_hist, ref_hist))}
 
 
+def check_qk_norm_rope(device, dtype, gen, small) -> dict:
+    from fastdiff import ops
+
+    b, h, s, d = (1, 2, 16, 64) if small else (2, 12, 1152, 64)
+    q64, k64 = (torch.randn(b, s, h, d, generator=gen, dtype=torch.float64).transpose(1, 2) for _ in range(2))
+    qw64, kw64 = (1 + 0.5 * torch.randn(d, generator=gen, dtype=torch.float64) for _ in range(2))
+    theta = torch.randn(s, d, generator=gen, dtype=torch.float64) * 3
+    cos, sin = theta.cos().float().to(device), theta.sin().float().to(device)  # diffusers passes float32 tables
+
+    def call(q, k, qw, kw, backend):
+        return ops.qk_norm_rope(q, k, qw, kw, cos, sin, backend=backend)
+
+    ref_q, ref_k = call(*(t.to(device) for t in (q64, k64, qw64, kw64)), "reference")
+    low = [t.to(device, dtype) for t in (q64, k64, qw64, kw64)]  # (B, H, S, D) views of (B, S, H, D), as Flux's
+    q, k = call(*low, "triton")
+    torch_q, torch_k = call(*low, "reference")  # float32 math, rounded once to dtype: the stricter bar
+    return {"q": (rel_l2(q, ref_q), rel_l2(torch_q, ref_q)), "k": (rel_l2(k, ref_k), rel_l2(torch_k, ref_k))}
+
+
 CHECKS = {
     "group_norm_modulate": check_group_norm,
     "layer_norm_modulate": check_layer_norm,
     "attention_fwd_bwd": check_attention,
     "sampler_step": check_sampler_step,
+    "qk_norm_rope": check_qk_norm_rope,
 }
 
 
