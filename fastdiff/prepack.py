@@ -274,7 +274,7 @@ def plan(model: nn.Module, dtype: Optional[torch.dtype] = None
             if reason is None:
                 take.append((path, module))
             else:
-                skipped.append((path, reason))
+                skipped.append((path, f"{type(module).__name__}: {reason}"))
     return take, skipped
 
 

@@ -363,3 +363,16 @@ def test_bfloat16_packs_linear_weights_too():
     assert_packed_every_plain_layer(report, model)
     assert len(report.patched["Linear"]) == sum(type(m) is nn.Linear for m in model.modules())
     report.undo()
+
+
+def test_a_convolution_that_cannot_be_packed_is_reported():
+    model, fn = MODELS["unet_2d"]()
+    model.conv_in.padding_mode = "reflect"
+    ref = run(model, fn)  # float32
+    report = accelerate(model, dtype=torch.bfloat16)
+    assert ("conv_in", "Conv2d: padding_mode='reflect' (only 'zeros' is packed)") in report.skipped
+    assert "conv_in" not in report.patched["Conv2d"]
+    assert rel_l2(run(model, fn), ref) <= 5e-2  # conv_in runs its own (reflect-padded) forward in bf16
+    with pytest.raises(AccelerateError, match="padding_mode"):
+        report.undo()
+        accelerate(model, dtype=torch.bfloat16, strict=True)

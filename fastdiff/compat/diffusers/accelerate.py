@@ -454,9 +454,7 @@ def accelerate(obj, *, dtype=None, channels_last: Optional[bool] = None, cuda_gr
     pack = device.type == "cpu" and prepack.available() and bool(prepack.packed_types(dtype))
     plan, skipped = _plan_patches(components, _patches(pack and nn.Linear in prepack.packed_types(dtype)))
     if pack:  # the conv / linear modules whose weights will not be packed, and why
-        modules = {name: dict(comp.named_modules()) for name, comp in components}
-        skipped += [(_join(name, path), f"{type(modules[name][path]).__name__}: {why}") for name, comp in components
-                    for path, why in prepack.plan(comp, dtype)[1]]
+        skipped += [(_join(name, path), why) for name, comp in components for path, why in prepack.plan(comp, dtype)[1]]
     new_scheduler = None
     if scheduler and isinstance(obj, diffusers.DiffusionPipeline):
         new_scheduler, why = _plan_scheduler(obj)
