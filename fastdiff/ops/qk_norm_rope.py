@@ -256,17 +256,22 @@ def _may_overlap(a: Tensor, b: Tensor) -> bool:
     return not _same_layout_disjoint(a, b)
 
 
+def _check_like_q(name: str, t: Tensor, q: Tensor) -> None:
+    """``t`` (k or an output) has q's shape, dtype and device."""
+    if tuple(t.shape) != tuple(q.shape):
+        raise ValueError(f"{name} must have q's shape (B, H, S, D) = {tuple(q.shape)}, got {tuple(t.shape)}")
+    if t.dtype != q.dtype:
+        raise ValueError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
+    if t.device != q.device:
+        raise ValueError(f"{name} is on {t.device} but q is on {q.device}; they must be on one device")
+
+
 def _check_out(out, q: Tensor, inputs: dict) -> tuple[Tensor, Tensor]:
     if not isinstance(out, (tuple, list)) or len(out) != 2 or not all(isinstance(t, Tensor) for t in out):
         raise ValueError(f"out must be a pair (q_out, k_out) of tensors, got {type(out).__name__}")
     q_out, k_out = out
     for name, t in (("out[0] (q_out)", q_out), ("out[1] (k_out)", k_out)):
-        if tuple(t.shape) != tuple(q.shape):
-            raise ValueError(f"{name} must have q's shape (B, H, S, D) = {tuple(q.shape)}, got {tuple(t.shape)}")
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; they must be on one device")
+        _check_like_q(name, t, q)
         if torch.compiler.is_compiling():
             continue  # fake tensors have no addresses: the checks below ran in eager mode
         if t.numel() > 0 and torch._debug_has_internal_overlap(t) == 1:
@@ -335,12 +340,7 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor] = None, k_weig
             raise ValueError(f"{name} must have shape (B, H, S, D), got {tuple(t.shape)}")
         if t.dtype not in _DTYPES:
             raise ValueError(f"{name} must be one of {_DTYPES}, got {t.dtype}")
-    if tuple(k.shape) != tuple(q.shape):
-        raise ValueError(f"k must have q's shape (B, H, S, D) = {tuple(q.shape)}, got {tuple(k.shape)}")
-    if k.dtype != q.dtype:
-        raise ValueError(f"k has dtype {k.dtype} but q has {q.dtype}; they must match")
-    if k.device != q.device:
-        raise ValueError(f"k is on {k.device} but q is on {q.device}; they must be on one device")
+    _check_like_q("k", k, q)
     _, _, s, d = q.shape
     if d == 0:
         raise ValueError(f"q and k must have a head dim D >= 1, got shape {tuple(q.shape)}")
